@@ -1,0 +1,193 @@
+"""Config schema, validation and the mapping from flat config fields to components.
+
+Configs are flat ``ml_collections.ConfigDict`` s (see experiments/configs). Every field a
+run reads is declared in :func:`base_config` with its type, so `--config.<field>=value`
+overrides are type-checked by ml_collections and a misspelt field is rejected by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from sb_jax import schedules
+
+CONFIG_FILE = "config.json"
+
+# Fields that may change between a run and its resumption (they do not change what
+# the saved state means): extending training, evaluating or logging more often.
+RESUMABLE_FIELDS = frozenset(
+    {"num_epochs", "eval_every", "log_every_s", "checkpoint_every", "keep_checkpoints",
+     "tensorboard", "chunks_per_dispatch", "data_dir"}
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default; experiment configs override some of them."""
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "fashion_mnist"  # see sb_jax.data.available_datasets()
+    c.data_dir = ""  # where the dataset lives; '' = the dataset's default locations
+    c.train_subset = 0  # >0: train on the first N examples only (quick experiments)
+    c.validation_size = 0  # examples carved from the training set for validation
+    c.label_noise = 0.0  # fraction of training labels corrupted (0..1)
+    c.noise_kind = "shuffle"  # shuffle (the original's) | symmetric
+    # Augmentation, on device inside jit.
+    c.crop_padding = 0  # random crop after zero padding by this many pixels
+    c.flip = False  # random horizontal flip
+    c.cutout = 0  # side of the cutout square (0 = off)
+    # Model.
+    c.model = "small_cnn"  # small_cnn | resnet18 | wrn | mobilenet_v2
+    c.wrn_depth = 28  # WideResNet depth (6n + 4)
+    c.wrn_width = 10  # WideResNet widening factor
+    c.dropout = 0.0  # dropout rate (small_cnn, wrn)
+    c.width_multiplier = 1.0  # channel multiplier (resnet18, mobilenet_v2)
+    # Optimisation (the paper's: SGD, Nesterov 0.9, wd 5e-4, batch 128, lr 0.1).
+    c.num_epochs = 10
+    c.batch_size = 128  # backward batch B: examples per optimizer step
+    c.learning_rate = 0.1
+    c.lr_schedule = "constant"  # constant | step | cosine, indexed by epoch
+    c.lr_boundaries = ""  # step schedule: comma-separated epochs, e.g. '60,120,160'
+    c.lr_decay = 0.1  # step schedule: lr multiplier at each boundary
+    c.warmup_epochs = 0.0  # linear warmup (fractional epochs)
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 5e-4
+    # Selection (Selective-Backprop and baselines; see sb_jax/selection).
+    c.selector = "traditional"  # traditional | sb | stale_sb | random | topk | kath18
+    c.beta = 2.0  # selectivity: expected selected fraction 1/(beta+1)
+    c.scoring_batch_size = 128  # b: examples scored per selection step
+    c.history_size = 1024  # R: recent losses the percentile is taken against
+    c.prime_epochs = 1  # epochs that backpropagate everything first
+    c.p_min = 0.0  # floor of the selection probability
+    c.staleness = 3  # stale_sb: re-score an example every n epochs
+    c.kath18_score = "loss"  # loss | grad_norm_bound
+    c.kath18_reweight = False  # unbiased 1/(N p) weights (the SB paper ran False)
+    c.flush_partial_batch = False  # end of epoch: train on a partial batch vs carry over
+    # Run.
+    c.seed = 0
+    c.eval_every = 1  # epochs between test-set evaluations
+    c.eval_batch_size = 1000
+    c.chunks_per_dispatch = 50  # selection steps per jitted dispatch (lax.scan length)
+    c.checkpoint_every = 1  # epochs between checkpoints
+    c.keep_checkpoints = 2
+    c.log_every_s = 10.0  # seconds between progress lines
+    c.tensorboard = True  # also write TensorBoard event files
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field and what would be valid."""
+    from sb_jax.data import available_datasets
+    from sb_jax.models import available_models
+
+    known = set(base_config().keys())
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+    if config.dataset not in available_datasets():
+        raise ValueError(
+            f"unknown dataset {config.dataset!r}; choose one of {available_datasets()}"
+        )
+    if config.model not in available_models():
+        raise ValueError(f"unknown model {config.model!r}; choose one of {available_models()}")
+    if not 0.0 <= config.label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {config.label_noise}")
+    positive = ("num_epochs", "batch_size", "eval_every", "eval_batch_size",
+                "chunks_per_dispatch", "checkpoint_every", "keep_checkpoints",
+                "scoring_batch_size", "history_size")
+    for name in positive:
+        if config[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {config[name]}")
+    for name in ("train_subset", "validation_size", "crop_padding", "cutout", "prime_epochs"):
+        if config[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {config[name]}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {config.momentum}")
+    if config.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    # Building the schedule and the policy validates their fields with their own messages.
+    schedules.make_epoch_schedule(
+        config.lr_schedule, config.learning_rate, num_epochs=config.num_epochs,
+        boundaries=schedules.parse_int_list(config.lr_boundaries), decay=config.lr_decay,
+        warmup_epochs=config.warmup_epochs,
+    )
+    make_policy_from_config(config)
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """The model factory's keyword arguments for ``config.model``."""
+    if config.model == "small_cnn":
+        return {"dropout": config.dropout}
+    if config.model == "wrn":
+        return {"depth": config.wrn_depth, "width": config.wrn_width, "dropout": config.dropout}
+    if config.model in ("resnet18", "mobilenet_v2"):
+        return {"width": config.width_multiplier}
+    return {}
+
+
+def policy_hyperparams(config: ml_collections.ConfigDict) -> dict:
+    """The selection policy's keyword arguments for ``config.selector``."""
+    name = config.selector
+    scoring = {"batch_size": config.scoring_batch_size, "prime_epochs": config.prime_epochs}
+    percentile = {"beta": config.beta, "history_size": config.history_size,
+                  "p_min": config.p_min, **scoring}
+    if name == "traditional":
+        return {"batch_size": config.batch_size}
+    if name == "sb":
+        return percentile
+    if name == "stale_sb":
+        return {**percentile, "staleness": config.staleness}
+    if name in ("random", "topk"):
+        return {"beta": config.beta, **scoring}
+    if name == "kath18":
+        return {"beta": config.beta, "score": config.kath18_score,
+                "reweight": config.kath18_reweight, "batch_size": config.batch_size}
+    return {}
+
+
+def make_policy_from_config(config: ml_collections.ConfigDict):
+    """Builds the selection policy named by ``config.selector`` from its fields."""
+    from sb_jax import selection
+
+    policy = selection.make_policy(config.selector, **policy_hyperparams(config))
+    if policy.max_selected > config.batch_size:
+        raise ValueError(
+            f"selector {config.selector!r} can select {policy.max_selected} examples per "
+            f"chunk, more than batch_size={config.batch_size}; use scoring_batch_size <= "
+            "batch_size"
+        )
+    return policy
+
+
+def _comparable(config: ml_collections.ConfigDict) -> dict:
+    return {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+            if k not in RESUMABLE_FIELDS}
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A workdir with a run in it only resumes the same configuration."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); use a new --workdir") from e
+    saved = {k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS}
+    current = _comparable(config)
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"--workdir {workdir} holds a run with a different config ({details}); "
+            "resume it with its own config, or use a new --workdir"
+        )

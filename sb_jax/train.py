@@ -1,0 +1,294 @@
+"""train_and_evaluate: the training loop around the pure steps of :mod:`sb_jax.steps`.
+
+Host-side duties only: load data, build the model, policy and optimizer from the config,
+restore or create the state, drive epochs of jitted dispatches, evaluate, write metrics
+and checkpoints. Everything numeric happens in the jitted steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sb_jax import checkpointing, config_lib, metrics_io, schedules, steps
+from sb_jax.data import device as data_device
+from sb_jax.data import load_dataset
+from sb_jax.models import create_model
+from sb_jax.selection import queue as queue_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss is NaN or infinite."""
+
+
+def _eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """Pads a split to whole batches and reshapes to [num_batches, batch, ...]."""
+    n = images.shape[0]
+    nb = max(1, math.ceil(n / batch_size))
+    pad = nb * batch_size - n
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+    mask = np.arange(nb * batch_size) < n
+    shape = (nb, batch_size)
+    return (
+        jnp.asarray(images.reshape(shape + images.shape[1:])),
+        jnp.asarray(labels.reshape(shape)),
+        jnp.asarray(mask.reshape(shape)),
+    )
+
+
+def _device_counters(state: steps.TrainState) -> dict[str, Any]:
+    c = jax.device_get(state.counters)
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in c._asdict().items()}
+
+
+def _check_finite(state: steps.TrainState, epoch: int) -> None:
+    bad_step = int(state.counters.first_nonfinite_step)
+    if bad_step >= 0:
+        loss = float(state.counters.nonfinite_loss)
+        raise NonFiniteLossError(
+            f"training loss became {loss} at optimizer step {bad_step} (epoch {epoch + 1}); "
+            "the run stops here. Usual causes: learning rate too high for this model/batch "
+            "size, or corrupted inputs. Lower --config.learning_rate or check the data."
+        )
+
+
+def build_run(config: ml_collections.ConfigDict):
+    """Everything a run needs that is a pure function of the config (no state, no I/O)."""
+    dataset = load_dataset(
+        config.dataset,
+        config.data_dir or None,
+        label_noise=config.label_noise,
+        noise_kind=config.noise_kind,
+        validation_size=config.validation_size,
+        seed=config.seed,
+        train_subset=config.train_subset or None,
+    )
+    model = create_model(config.model, dataset.num_classes, **config_lib.model_kwargs(config))
+    policy = config_lib.make_policy_from_config(config)
+    tx = steps.make_optimizer(config.momentum, config.nesterov, config.weight_decay)
+    lr_schedule = schedules.make_epoch_schedule(
+        config.lr_schedule,
+        config.learning_rate,
+        num_epochs=config.num_epochs,
+        boundaries=schedules.parse_int_list(config.lr_boundaries),
+        decay=config.lr_decay,
+        warmup_epochs=config.warmup_epochs,
+    )
+    return dataset, model, policy, tx, lr_schedule
+
+
+def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.TrainState:
+    init_key, dropout_key, policy_key = jax.random.split(key, 3)
+    sample = jnp.zeros((1,) + dataset.train_images.shape[1:], jnp.float32)
+    variables = model.init({"params": init_key, "dropout": dropout_key}, sample, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return steps.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        policy_state=policy.init(dataset.num_train, policy_key),
+        queue=queue_lib.queue_for(config.batch_size, policy.max_selected),
+        counters=steps.counters_init(),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per ``config``, writing metrics, checkpoints and plots to ``workdir``.
+
+    Re-running the same command on the same ``workdir`` resumes from the last checkpoint
+    and ends with the same metrics as an uninterrupted run. Returns the summary dict.
+    """
+    config_lib.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config_lib.check_resumable(config, workdir)
+
+    dataset, model, policy, tx, lr_schedule = build_run(config)
+    root = jax.random.PRNGKey(config.seed)
+    init_key, data_key, aug_key, dropout_key = jax.random.split(root, 4)
+    logging.info(
+        "dataset %s: %d train (%d noisy), %d test, %d val, %d classes, image %s",
+        dataset.name, dataset.num_train, int(dataset.noisy.sum()), len(dataset.test_labels),
+        len(dataset.val_labels), dataset.num_classes, dataset.image_shape,
+    )
+
+    fns = steps.make_step_fns(
+        model=model,
+        policy=policy,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        batch_size=config.batch_size,
+        num_train=dataset.num_train,
+        num_classes=dataset.num_classes,
+        mean=dataset.mean,
+        std=dataset.std,
+        augment_cfg=steps.AugmentConfig(config.crop_padding, config.flip, config.cutout),
+        aug_key=aug_key,
+        dropout_key=dropout_key,
+    )
+    data = steps.DeviceData(
+        images=jnp.asarray(dataset.train_images),
+        labels=jnp.asarray(dataset.train_labels, jnp.int32),
+        noisy=jnp.asarray(dataset.noisy),
+    )
+    test_arrays = _eval_arrays(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+    val_arrays = (
+        _eval_arrays(dataset.val_images, dataset.val_labels, config.eval_batch_size)
+        if len(dataset.val_labels) else None
+    )
+
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
+    fresh_state = jax.jit(lambda k: init_state(config, dataset, model, policy, tx, k))
+    abstract_state = jax.eval_shape(fresh_state, init_key)
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is None:
+        state, start_epoch, wall_s = fresh_state(init_key), 0, 0.0
+        config_lib.save_config(config, workdir)
+    else:
+        state, start_epoch, extra = restored
+        wall_s = float(extra["wall_s"])
+        logging.info("resumed from checkpoint after epoch %d (%s)", start_epoch, ckpt.directory)
+
+    writer = metrics_io.MetricWriter(workdir, resume_epoch=start_epoch,
+                                     tensorboard=config.tensorboard)
+    chunk_size = policy.chunk_size
+    num_chunks = math.ceil(dataset.num_train / chunk_size)
+    k = max(1, min(config.chunks_per_dispatch, num_chunks))
+    num_dispatches = math.ceil(num_chunks / k)
+    progress = metrics_io.Progress(config.num_epochs * num_dispatches, log_fn=logging.info)
+    last_log = time.perf_counter()
+    prev = _device_counters(state)
+    epoch_start_counters = prev
+
+    try:
+        for epoch in range(start_epoch, config.num_epochs):
+            ids, valid = data_device.epoch_permutation(
+                jax.random.fold_in(data_key, epoch), dataset.num_train, chunk_size
+            )
+            pad = num_dispatches * k - ids.shape[0]
+            ids = jnp.concatenate([ids, jnp.zeros((pad, chunk_size), ids.dtype)])
+            valid = jnp.concatenate([valid, jnp.zeros((pad, chunk_size), bool)])
+            ep = jnp.asarray(epoch, jnp.int32)
+            t_epoch = time.perf_counter()
+            steps_before = int(state.step)
+            for d in range(num_dispatches):
+                sl = slice(d * k, (d + 1) * k)
+                state = fns.run_chunks(state, data, ids[sl], valid[sl], ep, jnp.int32(d * k))
+                if time.perf_counter() - last_log >= config.log_every_s or (
+                    d == num_dispatches - 1
+                ):
+                    _check_finite(state, epoch)  # also waits for the dispatch to finish
+                    step_now = int(state.step)
+                    now = time.perf_counter()
+                    elapsed = max(now - t_epoch, 1e-9)
+                    progress.update(
+                        epoch * num_dispatches + d + 1, epoch=epoch + 1,
+                        steps_per_s=(step_now - steps_before) / elapsed,
+                        extra=f"| step {step_now}",
+                    )
+                    last_log = now
+            if config.flush_partial_batch:
+                state = fns.flush(state, data, ep)
+            _check_finite(state, epoch)
+            jax.block_until_ready(state)
+            wall_s += time.perf_counter() - t_epoch
+
+            now_counters = _device_counters(state)
+            is_last = epoch + 1 == config.num_epochs
+            if (epoch + 1) % config.eval_every == 0 or is_last:
+                record = _evaluation_record(
+                    fns, state, test_arrays, val_arrays, epoch, wall_s, now_counters,
+                    epoch_start_counters, lr_schedule, dataset,
+                )
+                writer.write(record)
+                logging.info(
+                    "epoch %d: test error %.2f%%, train loss %.4f, backprop %d, wall %.1fs",
+                    epoch + 1, record["test_error"], record["train_loss"],
+                    record["examples_backward"], wall_s,
+                )
+                epoch_start_counters = now_counters
+            if (epoch + 1) % config.checkpoint_every == 0 or is_last:
+                ckpt.save(epoch + 1, state, {"wall_s": wall_s})
+    finally:
+        writer.close()
+        ckpt.close()
+
+    summary = _summary(config, workdir, dataset, state, wall_s)
+    metrics_io.write_json(os.path.join(workdir, metrics_io.SUMMARY_FILE), summary)
+    records = metrics_io.read_metrics(workdir)
+    metrics_io.plot_error_curves(
+        {config.selector: [(r["wall_s"], r["test_error"]) for r in records]},
+        os.path.join(workdir, "test_error_vs_time.png"),
+        title=f"{config.dataset} / {config.model}",
+    )
+    return summary
+
+
+def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, counters,
+                       since, lr_schedule, dataset) -> dict[str, Any]:
+    errs, loss = fns.evaluate(state.params, state.batch_stats, *test_arrays)
+    n_test = int(test_arrays[2].sum())
+    backward = counters["examples_backward"] - since["examples_backward"]
+    seen = counters["examples_seen"] - since["examples_seen"]
+    record = {
+        "epoch": epoch + 1,
+        "step": int(state.step),
+        "wall_s": round(wall_s, 4),
+        "lr": float(lr_schedule(float(epoch))),
+        # Every forward pass: inference-mode scoring plus the training forward of each
+        # backpropagated example. The two components are reported too.
+        "examples_forward": counters["examples_scored"] + counters["examples_backward"],
+        "examples_scored": counters["examples_scored"],
+        "examples_backward": counters["examples_backward"],
+        "examples_selected": counters["examples_selected"],
+        "train_loss": counters["train_loss_sum"] - since["train_loss_sum"],
+        "selected_fraction": (counters["examples_selected"] - since["examples_selected"])
+        / max(seen, 1),
+        "test_error": 100.0 * int(errs) / n_test,
+        "test_loss": float(loss) / n_test,
+    }
+    record["train_loss"] = record["train_loss"] / max(backward, 1)
+    if dataset.noisy.any():
+        noisy_bw = counters["noisy_backward"] - since["noisy_backward"]
+        record["mislabeled_backward_fraction"] = noisy_bw / max(backward, 1)
+    if val_arrays is not None:
+        verrs, vloss = fns.evaluate(state.params, state.batch_stats, *val_arrays)
+        n_val = int(val_arrays[2].sum())
+        record["val_error"] = 100.0 * int(verrs) / n_val
+        record["val_loss"] = float(vloss) / n_val
+    return record
+
+
+def _summary(config, workdir, dataset, state, wall_s) -> dict[str, Any]:
+    records = metrics_io.read_metrics(workdir)
+    counters = _device_counters(state)
+    errors = [r["test_error"] for r in records]
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "dataset": dataset.name,
+        "num_train": dataset.num_train,
+        "epochs": config.num_epochs,
+        "steps": int(state.step),
+        "wall_s": wall_s,
+        "final_test_error": errors[-1] if errors else None,
+        "best_test_error": min(errors) if errors else None,
+        "examples_scored": counters["examples_scored"],
+        "examples_backward": counters["examples_backward"],
+        "examples_per_s": counters["examples_seen"] / max(wall_s, 1e-9),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }

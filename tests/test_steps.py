@@ -1,0 +1,167 @@
+"""The jitted train/eval steps against a NumPy reference on a tiny linear model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sb_jax import schedules, steps
+from sb_jax.selection import make_policy, queue_for
+
+NUM_CLASSES = 3
+MEAN, STD = np.array([0.4], np.float32), np.array([0.25], np.float32)
+
+
+class Linear(nn.Module):
+    """Softmax regression on flattened pixels: the smallest model with the trainer's API."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(NUM_CLASSES)(x.reshape(x.shape[0], -1))
+
+
+def make_data(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 2, 2, 1), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, size=(n,)).astype(np.int32)
+    noisy = np.zeros(n, bool)
+    noisy[:3] = True
+    return images, labels, noisy
+
+
+def build(policy, *, batch_size, lr=0.1, momentum=0.9, wd=5e-4, n=10, donate=False):
+    model = Linear()
+    tx = steps.make_optimizer(momentum, True, wd)
+    fns = steps.make_step_fns(
+        model=model, policy=policy, tx=tx,
+        lr_schedule=schedules.make_epoch_schedule("constant", lr, num_epochs=1),
+        batch_size=batch_size, num_train=n, num_classes=NUM_CLASSES, mean=MEAN, std=STD,
+        augment_cfg=steps.AugmentConfig(), aug_key=jax.random.PRNGKey(1),
+        dropout_key=jax.random.PRNGKey(2), donate=donate,
+    )
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)))["params"]
+    state = steps.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+        opt_state=tx.init(params), policy_state=policy.init(n, jax.random.PRNGKey(3)),
+        queue=queue_for(batch_size, policy.max_selected), counters=steps.counters_init(),
+    )
+    return fns, state
+
+
+def numpy_sgd_reference(params, images, labels, batches, lr, momentum, wd):
+    """Plain NumPy: mean softmax cross-entropy, coupled weight decay, Nesterov momentum."""
+    w = np.array(params["Dense_0"]["kernel"], np.float64)
+    b = np.array(params["Dense_0"]["bias"], np.float64)
+    tw, tb = np.zeros_like(w), np.zeros_like(b)
+    x_all = ((images.astype(np.float64) / 255.0 - MEAN) / STD).reshape(len(images), -1)
+    for ids in batches:
+        x, y = x_all[ids], labels[ids]
+        logits = x @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        d = p.copy()
+        d[np.arange(len(ids)), y] -= 1.0
+        d /= len(ids)
+        gw, gb = x.T @ d + wd * w, d.sum(0) + wd * b
+        tw, tb = momentum * tw + gw, momentum * tb + gb
+        w, b = w - lr * (gw + momentum * tw), b - lr * (gb + momentum * tb)
+    return w, b
+
+
+def test_traditional_steps_match_numpy():
+    images, labels, noisy = make_data()
+    policy = make_policy("traditional", batch_size=4)
+    fns, state = build(policy, batch_size=4)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    ids = jnp.asarray([[3, 1, 4, 0], [9, 2, 6, 5]], jnp.int32)
+    valid = jnp.ones((2, 4), bool)
+    new = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
+    w, b = numpy_sgd_reference(state.params, images, labels, np.asarray(ids), 0.1, 0.9, 5e-4)
+    np.testing.assert_allclose(new.params["Dense_0"]["kernel"], w, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(new.params["Dense_0"]["bias"], b, rtol=2e-5, atol=2e-6)
+    assert int(new.step) == 2
+    c = new.counters
+    assert (int(c.examples_backward), int(c.examples_scored)) == (8, 0)
+    # ids 0 and 2 are among the three corrupted ids {0, 1, 2}: 1 too.
+    assert int(c.noisy_backward) == 3
+
+
+def test_partial_chunk_carries_over_then_flushes():
+    images, labels, noisy = make_data()
+    policy = make_policy("traditional", batch_size=4)
+    fns, state = build(policy, batch_size=4)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    ids = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]], jnp.int32)
+    valid = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    state = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
+    assert int(state.step) == 2 and int(state.queue.size) == 2  # 8, 9 wait (carry-over)
+    flushed = fns.flush(state, data, jnp.int32(0))
+    assert int(flushed.step) == 3 and int(flushed.queue.size) == 0
+    assert int(flushed.counters.examples_backward) == 10
+    # The flush step is a mean over the 2 real examples, not over a padded 4.
+    ref_w, _ = numpy_sgd_reference(
+        build(policy, batch_size=4)[1].params, images, labels,
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], 0.1, 0.9, 5e-4,
+    )
+    np.testing.assert_allclose(flushed.params["Dense_0"]["kernel"], ref_w, rtol=2e-5, atol=2e-6)
+
+
+def test_sb_scores_then_trains_only_selected():
+    images, labels, noisy = make_data(n=64)
+    policy = make_policy("sb", beta=1.0, batch_size=8, history_size=32, prime_epochs=1)
+    fns, state = build(policy, batch_size=8, n=64)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    ids = jnp.arange(64, dtype=jnp.int32).reshape(8, 8)
+    valid = jnp.ones((8, 8), bool)
+    # Epoch 0 is the priming epoch: no scoring, everything trained.
+    state = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
+    assert int(state.counters.examples_scored) == 0
+    assert int(state.counters.examples_backward) == 64
+    state = fns.run_chunks(state, data, ids, valid, jnp.int32(1), jnp.int32(0))
+    c = state.counters
+    assert int(c.examples_scored) == 64
+    selected = int(c.examples_selected) - 64
+    assert 8 <= selected <= 56  # about half of 64 at beta = 1
+    assert int(c.examples_backward) - 64 == 8 * (selected // 8)
+    assert int(state.queue.size) == selected % 8
+    assert int(state.queue.num_dropped) == 0
+
+
+@pytest.mark.parametrize("selector", ["traditional", "sb"])
+def test_run_chunks_traced_once(selector):
+    images, labels, noisy = make_data(n=32)
+    kwargs = {"batch_size": 8} if selector == "traditional" else {
+        "beta": 2.0, "batch_size": 8, "history_size": 16}
+    policy = make_policy(selector, **kwargs)
+    fns, state = build(policy, batch_size=8, n=32, donate=True)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)
+    for epoch in range(3):
+        state = fns.run_chunks(state, data, ids, jnp.ones((4, 8), bool), jnp.int32(epoch),
+                               jnp.int32(0))
+        state = fns.flush(state, data, jnp.int32(epoch))
+    assert fns.run_chunks._cache_size() == 1
+    assert fns.flush._cache_size() == 1
+
+
+def test_evaluate_counts_errors_and_ignores_padding():
+    images, labels, noisy = make_data(n=10)
+    policy = make_policy("traditional", batch_size=4)
+    fns, state = build(policy, batch_size=4)
+    imgs = np.concatenate([images, np.zeros((2, 2, 2, 1), np.uint8)]).reshape(3, 4, 2, 2, 1)
+    labs = np.concatenate([labels, np.zeros(2, np.int32)]).reshape(3, 4)
+    mask = (np.arange(12) < 10).reshape(3, 4)
+    errs, loss = fns.evaluate(state.params, {}, jnp.asarray(imgs), jnp.asarray(labs),
+                              jnp.asarray(mask))
+    w = np.asarray(state.params["Dense_0"]["kernel"])
+    b = np.asarray(state.params["Dense_0"]["bias"])
+    x = ((images / 255.0 - MEAN) / STD).reshape(10, -1)
+    logits = x @ w + b
+    ref_errs = int(np.sum(np.argmax(logits, 1) != labels))
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    ref_loss = float(np.sum(lse - logits[np.arange(10), labels]))
+    assert int(errs) == ref_errs
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
