@@ -9,6 +9,7 @@ Re-running the same command on the same --workdir resumes from its last checkpoi
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from sb_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -18,21 +19,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_library_logs() -> None:
-    """Keeps INFO lines from our code; orbax/matplotlib chatter only at WARNING and up."""
-
-    def keep(record) -> bool:
-        noisy = ("/orbax/", "/matplotlib/", "/jax/_src/")
-        return record.levelno >= 30 or not any(part in record.pathname for part in noisy)
-
-    logging.get_absl_handler().addFilter(keep)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    quiet_library_logs()
+    cli.setup_logging()
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info(
         "done: final test error %.2f%%, best %.2f%%, %.1f s training, %d examples backpropagated",

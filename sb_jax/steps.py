@@ -7,9 +7,20 @@ The selective train step works on chunks of example ids (SPEC.md section 1):
     exactly those examples (fresh training-mode forward, plain mean loss).
 
 ``traditional`` is the policy that selects every example and never asks for scores, so
-one code path serves every selector. Many chunks run per dispatch under ``lax.scan``;
-``lax.cond`` skips the scoring forward and the optimizer step when they are not due, so
-a skipped forward pass costs nothing.
+one code path serves every selector.
+
+One *dispatch* (a call of ``train_dispatch``) runs a ``lax.while_loop`` over chunks of
+the epoch until ``batch_size`` examples are queued or the epoch's chunks are used up,
+then one optimizer step at the top level of the jitted function. The step is applied
+only when a full batch is waiting (or, with ``flush``, a partial one at the end of the
+epoch); otherwise the state is left exactly as it was, so extra dispatches are no-ops.
+
+Why the optimizer step is not inside ``lax.cond``/``lax.scan``: with jaxlib 0.10 on the
+CPU, XLA rewrites convolution weight-gradients into fast kernels only at the top level
+of a computation; nested in a while/cond body the same train step ran 12x slower
+(small CNN, batch 128: 60 ms plain, 730-790 ms in a cond or scan; measured with
+benchmarks/nested_train_step.py). ``steps_per_dispatch > 1`` scans several dispatches
+for accelerators, where per-call overhead matters and nesting costs nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ class TrainState(NamedTuple):
     """Everything that changes during training; a pytree that orbax checkpoints."""
 
     step: jax.Array  # int32 optimizer steps taken
+    cursor: jax.Array  # int32 next chunk of the current epoch (0 at epoch boundaries)
     params: Any
     batch_stats: Any
     opt_state: Any
@@ -83,9 +95,10 @@ class AugmentConfig(NamedTuple):
 class StepFns(NamedTuple):
     """The jitted functions a run needs; built once per configuration."""
 
-    run_chunks: Callable  # (state, data, ids[K,C], valid[K,C], epoch, chunk0) -> state
-    flush: Callable  # (state, data, epoch) -> state: a partial step on what is queued
-    evaluate: Callable  # (params, batch_stats, images[nb,eb,...], labels, mask) -> (errs, loss)
+    # (state, data, chunk_ids[n, C], chunk_valid[n, C], epoch) -> (state, epoch_done)
+    train_dispatch: Callable
+    # (params, batch_stats, images[nb, eb, ...], labels, mask) -> (errors, loss_sum)
+    evaluate: Callable
 
 
 def make_optimizer(
@@ -122,6 +135,8 @@ def make_step_fns(
     augment_cfg: AugmentConfig,
     aug_key: jax.Array,
     dropout_key: jax.Array,
+    flush: bool = False,
+    steps_per_dispatch: int = 1,
     donate: bool = True,
 ) -> StepFns:
     """Builds the jitted step functions, closing over static configuration only."""
@@ -199,7 +214,7 @@ def make_step_fns(
         state = state._replace(queue=queue)
         return train_step(state, data, ids, weights, epochs, mask, lr)
 
-    def process_chunk(state: TrainState, data: DeviceData, ids, valid, epoch, lr):
+    def process_chunk(state: TrainState, data: DeviceData, ids, valid, epoch):
         need = policy.needs_scoring(state.policy_state, ids, valid, epoch) & valid
 
         def score(_):
@@ -225,32 +240,42 @@ def make_step_fns(
             examples_selected=c.examples_selected + keep.sum().astype(jnp.int32),
             examples_seen=c.examples_seen + valid.sum().astype(jnp.int32),
         )
-        state = state._replace(policy_state=policy_state, queue=queue, counters=counters)
-        return jax.lax.cond(
-            queue.size >= batch_size,
-            lambda s: train_from_queue(s, data, lr),
-            lambda s: s,
-            state,
-        )
+        return state._replace(policy_state=policy_state, queue=queue, counters=counters)
 
-    def run_chunks(state, data, chunk_ids, chunk_valid, epoch, chunk0):
-        def body(state, xs):
-            k, ids, valid = xs
-            frac_epoch = epoch + (chunk0 + k) * chunk_size / num_train
-            return process_chunk(state, data, ids, valid, epoch, lr_schedule(frac_epoch)), None
+    def one_dispatch(state: TrainState, data: DeviceData, chunk_ids, chunk_valid, epoch):
+        num_chunks = chunk_ids.shape[0]
 
-        ks = jnp.arange(chunk_ids.shape[0], dtype=jnp.float32)
-        state, _ = jax.lax.scan(body, state, (ks, chunk_ids, chunk_valid))
-        return state
+        def more_chunks(s):
+            return (s.queue.size < batch_size) & (s.cursor < num_chunks)
 
-    def flush(state, data, epoch):
-        lr = lr_schedule(epoch + 1.0 - 1e-6)
-        return jax.lax.cond(
-            state.queue.size > 0,
-            lambda s: train_from_queue(s, data, lr),
-            lambda s: s,
-            state,
-        )
+        def next_chunk(s):
+            s = process_chunk(s, data, chunk_ids[s.cursor], chunk_valid[s.cursor], epoch)
+            return s._replace(cursor=s.cursor + 1)
+
+        state = jax.lax.while_loop(more_chunks, next_chunk, state)
+        exhausted = state.cursor >= num_chunks
+        do_train = state.queue.size >= batch_size
+        if flush:
+            do_train |= exhausted & (state.queue.size > 0)
+        lr = lr_schedule(epoch + jnp.minimum(state.cursor * chunk_size, num_train) / num_train)
+        # Computed unconditionally at the top level (see the module docstring), kept only
+        # when a batch was due; otherwise every leaf keeps its old value.
+        trained = train_from_queue(state, data, lr)
+        state = jax.tree.map(lambda new, old: jnp.where(do_train, new, old), trained, state)
+        done = exhausted & (state.queue.size < batch_size)
+        if flush:
+            done &= state.queue.size == 0
+        return state, done
+
+    def train_dispatch(state, data, chunk_ids, chunk_valid, epoch):
+        if steps_per_dispatch == 1:
+            return one_dispatch(state, data, chunk_ids, chunk_valid, epoch)
+
+        def body(state, _):
+            return one_dispatch(state, data, chunk_ids, chunk_valid, epoch)
+
+        state, done = jax.lax.scan(body, state, None, length=steps_per_dispatch)
+        return state, done[-1]
 
     def evaluate(params, batch_stats, images, labels, mask):
         def body(carry, xs):
@@ -266,10 +291,10 @@ def make_step_fns(
         )
         return errs, loss
 
-    donate_state = (0,) if donate else ()
+    if steps_per_dispatch < 1:
+        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
     return StepFns(
-        run_chunks=jax.jit(run_chunks, donate_argnums=donate_state),
-        flush=jax.jit(flush, donate_argnums=donate_state),
+        train_dispatch=jax.jit(train_dispatch, donate_argnums=(0,) if donate else ()),
         evaluate=jax.jit(evaluate),
     )
 

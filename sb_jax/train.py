@@ -95,6 +95,7 @@ def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.Trai
     batch_stats = variables.get("batch_stats", {})
     return steps.TrainState(
         step=jnp.zeros((), jnp.int32),
+        cursor=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
@@ -137,6 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         augment_cfg=steps.AugmentConfig(config.crop_padding, config.flip, config.cutout),
         aug_key=aug_key,
         dropout_key=dropout_key,
+        flush=config.flush_partial_batch,
+        steps_per_dispatch=config.steps_per_dispatch,
     )
     data = steps.DeviceData(
         images=jnp.asarray(dataset.train_images),
@@ -167,42 +170,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      tensorboard=config.tensorboard)
     chunk_size = policy.chunk_size
     num_chunks = math.ceil(dataset.num_train / chunk_size)
-    k = max(1, min(config.chunks_per_dispatch, num_chunks))
-    num_dispatches = math.ceil(num_chunks / k)
-    progress = metrics_io.Progress(config.num_epochs * num_dispatches, log_fn=logging.info)
+    progress = metrics_io.Progress(config.num_epochs * num_chunks, log_fn=logging.info)
     last_log = time.perf_counter()
-    prev = _device_counters(state)
-    epoch_start_counters = prev
+    epoch_start_counters = _device_counters(state)
 
     try:
         for epoch in range(start_epoch, config.num_epochs):
             ids, valid = data_device.epoch_permutation(
                 jax.random.fold_in(data_key, epoch), dataset.num_train, chunk_size
             )
-            pad = num_dispatches * k - ids.shape[0]
-            ids = jnp.concatenate([ids, jnp.zeros((pad, chunk_size), ids.dtype)])
-            valid = jnp.concatenate([valid, jnp.zeros((pad, chunk_size), bool)])
             ep = jnp.asarray(epoch, jnp.int32)
+            state = state._replace(cursor=jnp.zeros((), jnp.int32))
             t_epoch = time.perf_counter()
             steps_before = int(state.step)
-            for d in range(num_dispatches):
-                sl = slice(d * k, (d + 1) * k)
-                state = fns.run_chunks(state, data, ids[sl], valid[sl], ep, jnp.int32(d * k))
-                if time.perf_counter() - last_log >= config.log_every_s or (
-                    d == num_dispatches - 1
-                ):
+            # One dispatch stays in flight: `done` of dispatch i is read after dispatch
+            # i+1 is queued, so the host never idles the device. The dispatch after the
+            # one that finished the epoch is a no-op by construction.
+            previous_done = None
+            while True:
+                state, done = fns.train_dispatch(state, data, ids, valid, ep)
+                if previous_done is not None and bool(previous_done):
+                    break
+                previous_done = done
+                if time.perf_counter() - last_log >= config.log_every_s:
                     _check_finite(state, epoch)  # also waits for the dispatch to finish
-                    step_now = int(state.step)
+                    step_now, cursor = int(state.step), int(state.cursor)
                     now = time.perf_counter()
-                    elapsed = max(now - t_epoch, 1e-9)
                     progress.update(
-                        epoch * num_dispatches + d + 1, epoch=epoch + 1,
-                        steps_per_s=(step_now - steps_before) / elapsed,
+                        epoch * num_chunks + cursor, epoch=epoch + 1,
+                        steps_per_s=(step_now - steps_before) / max(now - t_epoch, 1e-9),
                         extra=f"| step {step_now}",
                     )
                     last_log = now
-            if config.flush_partial_batch:
-                state = fns.flush(state, data, ep)
             _check_finite(state, epoch)
             jax.block_until_ready(state)
             wall_s += time.perf_counter() - t_epoch

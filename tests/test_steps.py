@@ -32,7 +32,8 @@ def make_data(n=10, seed=0):
     return images, labels, noisy
 
 
-def build(policy, *, batch_size, lr=0.1, momentum=0.9, wd=5e-4, n=10, donate=False):
+def build(policy, *, batch_size, lr=0.1, momentum=0.9, wd=5e-4, n=10, donate=False,
+          flush=False):
     model = Linear()
     tx = steps.make_optimizer(momentum, True, wd)
     fns = steps.make_step_fns(
@@ -40,15 +41,26 @@ def build(policy, *, batch_size, lr=0.1, momentum=0.9, wd=5e-4, n=10, donate=Fal
         lr_schedule=schedules.make_epoch_schedule("constant", lr, num_epochs=1),
         batch_size=batch_size, num_train=n, num_classes=NUM_CLASSES, mean=MEAN, std=STD,
         augment_cfg=steps.AugmentConfig(), aug_key=jax.random.PRNGKey(1),
-        dropout_key=jax.random.PRNGKey(2), donate=donate,
+        dropout_key=jax.random.PRNGKey(2), flush=flush, donate=donate,
     )
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)))["params"]
     state = steps.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+        step=jnp.zeros((), jnp.int32), cursor=jnp.zeros((), jnp.int32), params=params,
+        batch_stats={},
         opt_state=tx.init(params), policy_state=policy.init(n, jax.random.PRNGKey(3)),
         queue=queue_for(batch_size, policy.max_selected), counters=steps.counters_init(),
     )
     return fns, state
+
+
+def run_epoch(fns, state, data, ids, valid, epoch, max_dispatches=100):
+    """Dispatches until the epoch is done, as the trainer does; returns (state, count)."""
+    state = state._replace(cursor=jnp.zeros((), jnp.int32))
+    for count in range(1, max_dispatches + 1):
+        state, done = fns.train_dispatch(state, data, ids, valid, jnp.int32(epoch))
+        if bool(done):
+            return state, count
+    raise AssertionError("epoch did not finish")
 
 
 def numpy_sgd_reference(params, images, labels, batches, lr, momentum, wd):
@@ -78,7 +90,12 @@ def test_traditional_steps_match_numpy():
     data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
     ids = jnp.asarray([[3, 1, 4, 0], [9, 2, 6, 5]], jnp.int32)
     valid = jnp.ones((2, 4), bool)
-    new = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
+    new, dispatches = run_epoch(fns, state, data, ids, valid, 0)
+    assert dispatches == 2
+    # A dispatch after the end of the epoch changes nothing.
+    again, done = fns.train_dispatch(new, data, ids, valid, jnp.int32(0))
+    assert bool(done)
+    jax.tree.map(np.testing.assert_array_equal, again, new)
     w, b = numpy_sgd_reference(state.params, images, labels, np.asarray(ids), 0.1, 0.9, 5e-4)
     np.testing.assert_allclose(new.params["Dense_0"]["kernel"], w, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(new.params["Dense_0"]["bias"], b, rtol=2e-5, atol=2e-6)
@@ -89,22 +106,22 @@ def test_traditional_steps_match_numpy():
     assert int(c.noisy_backward) == 3
 
 
-def test_partial_chunk_carries_over_then_flushes():
+def test_partial_chunk_carries_over_or_flushes():
     images, labels, noisy = make_data()
     policy = make_policy("traditional", batch_size=4)
-    fns, state = build(policy, batch_size=4)
     data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
     ids = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]], jnp.int32)
     valid = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
-    state = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
-    assert int(state.step) == 2 and int(state.queue.size) == 2  # 8, 9 wait (carry-over)
-    flushed = fns.flush(state, data, jnp.int32(0))
+    fns, state = build(policy, batch_size=4)
+    carried, _ = run_epoch(fns, state, data, ids, valid, 0)
+    assert int(carried.step) == 2 and int(carried.queue.size) == 2  # 8, 9 carried over
+    fns, state = build(policy, batch_size=4, flush=True)
+    flushed, _ = run_epoch(fns, state, data, ids, valid, 0)
     assert int(flushed.step) == 3 and int(flushed.queue.size) == 0
     assert int(flushed.counters.examples_backward) == 10
     # The flush step is a mean over the 2 real examples, not over a padded 4.
     ref_w, _ = numpy_sgd_reference(
-        build(policy, batch_size=4)[1].params, images, labels,
-        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], 0.1, 0.9, 5e-4,
+        state.params, images, labels, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], 0.1, 0.9, 5e-4
     )
     np.testing.assert_allclose(flushed.params["Dense_0"]["kernel"], ref_w, rtol=2e-5, atol=2e-6)
 
@@ -117,10 +134,10 @@ def test_sb_scores_then_trains_only_selected():
     ids = jnp.arange(64, dtype=jnp.int32).reshape(8, 8)
     valid = jnp.ones((8, 8), bool)
     # Epoch 0 is the priming epoch: no scoring, everything trained.
-    state = fns.run_chunks(state, data, ids, valid, jnp.int32(0), jnp.int32(0))
+    state, _ = run_epoch(fns, state, data, ids, valid, 0)
     assert int(state.counters.examples_scored) == 0
     assert int(state.counters.examples_backward) == 64
-    state = fns.run_chunks(state, data, ids, valid, jnp.int32(1), jnp.int32(0))
+    state, _ = run_epoch(fns, state, data, ids, valid, 1)
     c = state.counters
     assert int(c.examples_scored) == 64
     selected = int(c.examples_selected) - 64
@@ -131,7 +148,7 @@ def test_sb_scores_then_trains_only_selected():
 
 
 @pytest.mark.parametrize("selector", ["traditional", "sb"])
-def test_run_chunks_traced_once(selector):
+def test_train_dispatch_traced_once(selector):
     images, labels, noisy = make_data(n=32)
     kwargs = {"batch_size": 8} if selector == "traditional" else {
         "beta": 2.0, "batch_size": 8, "history_size": 16}
@@ -140,11 +157,8 @@ def test_run_chunks_traced_once(selector):
     data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
     ids = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)
     for epoch in range(3):
-        state = fns.run_chunks(state, data, ids, jnp.ones((4, 8), bool), jnp.int32(epoch),
-                               jnp.int32(0))
-        state = fns.flush(state, data, jnp.int32(epoch))
-    assert fns.run_chunks._cache_size() == 1
-    assert fns.flush._cache_size() == 1
+        state, _ = run_epoch(fns, state, data, ids, jnp.ones((4, 8), bool), epoch)
+    assert fns.train_dispatch._cache_size() == 1
 
 
 def test_evaluate_counts_errors_and_ignores_padding():

@@ -74,7 +74,7 @@ def _train_cmd(workdir, epochs):
         sys.executable, "-m", "experiments.train",
         "--config=experiments/configs/digits.py", f"--workdir={workdir}",
         f"--config.num_epochs={epochs}", "--config.tensorboard=False",
-        "--config.train_subset=1024", "--config.chunks_per_dispatch=1",
+        "--config.train_subset=1024",
     ]
 
 

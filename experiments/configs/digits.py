@@ -13,6 +13,5 @@ def get_config():
     config.history_size = 256
     config.learning_rate = 0.05
     config.lr_schedule = "constant"
-    config.chunks_per_dispatch = 16
     config.eval_batch_size = 512
     return config

@@ -1,0 +1,71 @@
+"""Runs several selectors on one config and compares them the way the paper does.
+
+Each (variant, seed) trains in its own sub-directory through :func:`train_and_evaluate`,
+so an interrupted comparison resumes where it stopped and finished runs cost nothing on
+a re-run. The result is a JSON-able dict: per variant, the final/best error, time and
+backpropagated examples to the targets (the baseline's final error + 0.25/0.5/1 points)
+and the speedups over the baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from sb_jax import analysis, metrics_io, train
+
+
+def run_variants(
+    base: ml_collections.ConfigDict,
+    variants: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    workdir: str,
+) -> dict[str, list[list[dict]]]:
+    """Trains every variant (config overrides) for every seed; returns their records."""
+    runs: dict[str, list[list[dict]]] = {}
+    for name, overrides in variants.items():
+        runs[name] = []
+        for seed in seeds:
+            config = copy.deepcopy(base)
+            for key, value in overrides.items():
+                config[key] = value
+            config.seed = seed
+            run_dir = os.path.join(workdir, f"{name}_seed{seed}")
+            logging.info("=== %s, seed %d -> %s", name, seed, run_dir)
+            train.train_and_evaluate(config, run_dir)
+            runs[name].append(metrics_io.read_metrics(run_dir))
+    return runs
+
+
+def compare(runs: Mapping[str, Sequence[Sequence[dict]]], baseline: str = "traditional"
+            ) -> dict[str, Any]:
+    """Targets from the baseline, per-variant summaries and speedups."""
+    if baseline not in runs:
+        raise ValueError(f"the baseline {baseline!r} is not among the runs {sorted(runs)}")
+    targets = analysis.targets_from_baseline(runs[baseline])
+    summaries = {name: analysis.summarize_policy(r, targets) for name, r in runs.items()}
+    analysis.add_speedups(summaries, baseline)
+    return {"baseline": baseline, "targets": targets, "policies": summaries}
+
+
+def plot_runs(runs: Mapping[str, Sequence[Sequence[dict]]], out_dir: str, title: str) -> list[str]:
+    """Plots test error against wall-clock time and against backpropagated examples,
+    one curve per (variant, seed); returns the PNG paths."""
+    paths = []
+    for key, label, fname in (
+        ("wall_s", "training wall-clock time (s)", "error_vs_time.png"),
+        ("examples_backward", "backpropagated examples", "error_vs_backprops.png"),
+    ):
+        curves = {}
+        for name, seeds in runs.items():
+            for i, records in enumerate(seeds):
+                curves[f"{name} s{i}"] = [(r[key], r["test_error"]) for r in records]
+        path = os.path.join(out_dir, fname)
+        metrics_io.plot_error_curves(curves, path, xlabel=label, title=title)
+        paths.append(path)
+    return paths
