@@ -1,0 +1,119 @@
+"""Building blocks shared by every model in the zoo.
+
+All models use the same conventions, fixed here so that they cannot drift apart:
+
+* BatchNorm: flax ``momentum=0.9`` and ``epsilon=1e-5``. Flax updates
+  ``ra = momentum * ra + (1 - momentum) * batch_stat``, so 0.9 is PyTorch's default
+  ``momentum=0.1``. One difference remains: flax folds the *biased* batch variance into
+  the running variance, PyTorch the unbiased one (a factor n / (n - 1), n = B*H*W values
+  per channel; negligible for the batch sizes used here).
+* Convolutions: no bias (every conv output reaches a BatchNorm before any nonlinearity),
+  kernels drawn from He/Kaiming normal with ``fan_out`` (std = sqrt(2 / (k*k*out_channels))),
+  as in the common PyTorch CIFAR implementations of WRN and ResNet.
+* Final Dense ("head"): kernel from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's
+  ``nn.Linear`` default, and zero bias (as the WRN reference code does).
+* Hidden Dense layers (small CNN only): Kaiming normal with ``fan_in``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+HEAD_NAME = "head"
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    strides: int = 1,
+    *,
+    dtype: Dtype = jnp.float32,
+    feature_group_count: int = 1,
+    name: str | None = None,
+) -> nn.Conv:
+    """Bias-free square convolution with 'SAME' padding and Kaiming fan_out init."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding="SAME",
+        use_bias=False,
+        feature_group_count=feature_group_count,
+        kernel_init=conv_kernel_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm over the channel axis: batch statistics in training, running ones in eval."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        name=name,
+    )
+
+
+head = functools.partial(
+    nn.Dense, kernel_init=head_kernel_init, bias_init=nn.initializers.zeros, name=HEAD_NAME
+)
+head.__doc__ = "The final Dense layer of every model; its input is what `return_features` gives."
+
+
+def check_images(x: jax.Array, model_name: str) -> None:
+    """Fails early, with a readable message, on input that is not a batch of images."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"{model_name} expects images of shape [batch, height, width, channels], got an "
+            f"array of shape {tuple(x.shape)}; add the missing batch or channel axis."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{model_name} expects normalised floating point images, got dtype {x.dtype}; "
+            "convert and normalise the images first."
+        )
+
+
+def finish(
+    logits: jax.Array, features: jax.Array, return_features: bool
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Casts to float32 (whatever the compute dtype) and packs the optional features."""
+    logits = logits.astype(jnp.float32)
+    if return_features:
+        return logits, features.astype(jnp.float32)
+    return logits
+
+
+def check_common(model_name: str, num_classes: Any, dropout: Any = 0.0) -> None:
+    """Validates the hyper-parameters every model shares."""
+    if not is_positive_int(num_classes):
+        raise ValueError(
+            f"{model_name}: num_classes must be a positive integer, got {num_classes!r}."
+        )
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, numbers.Real)
+        or not (0.0 <= dropout < 1.0)
+    ):
+        raise ValueError(f"{model_name}: dropout must be a rate in [0, 1), got {dropout!r}.")
+
+
+def is_positive_int(value: Any) -> bool:
+    """True for an integer >= 1 (numpy integers included, bools excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
