@@ -12,29 +12,12 @@ which benchmarks compare against the measured epoch time.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 
-from sb_jax import steps
-
-
-def _median_seconds(fn, args, repeats: int, warmup: int) -> float:
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from sb_jax.models import benchmark
 
 
 def measure_step_costs(
@@ -42,6 +25,7 @@ def measure_step_costs(
     image_shape: Sequence[int],
     *,
     batch_size: int = 128,
+    num_classes: int = 10,
     repeats: int = 10,
     warmup: int = 2,
     seed: int = 0,
@@ -49,39 +33,11 @@ def measure_step_costs(
     """Median seconds of an inference forward and of a train step at ``batch_size``.
 
     Returns forward_s, train_step_s (per batch), their per-example values and the
-    ratio train_step / forward.
+    ratio train_step / forward. The timing itself is :func:`sb_jax.models.benchmark.time_model`.
     """
-    key = jax.random.PRNGKey(seed)
-    x = jax.random.normal(key, (batch_size, *image_shape), jnp.float32)
-    variables = model.init({"params": key, "dropout": key}, x[:1], train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    logits = model.apply(variables, x[:1], train=False)
-    labels = jnp.arange(batch_size) % logits.shape[-1]
-    tx = steps.make_optimizer(0.9, True, 5e-4)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def forward(params, batch_stats, x, y):
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-        return steps.softmax_xent(logits, y)
-
-    @jax.jit
-    def train_step(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, new = model.apply(
-                {"params": p, "batch_stats": batch_stats}, x, train=True,
-                rngs={"dropout": key}, mutable=["batch_stats"],
-            )
-            return jnp.mean(steps.softmax_xent(logits, y)), new.get("batch_stats", batch_stats)
-
-        (_, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        direction, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, jax.tree.map(lambda d: -0.1 * d, direction))
-        return params, bs, opt_state
-
-    fwd = _median_seconds(forward, (params, batch_stats, x, labels), repeats, warmup)
-    trn = _median_seconds(train_step, (params, batch_stats, opt_state, x, labels), repeats,
-                          warmup)
+    timing = benchmark.time_model(model, image_shape, batch_size, num_classes=num_classes,
+                                  repeats=repeats, warmup=warmup, seed=seed)
+    fwd, trn = timing.forward_ms / 1e3, timing.train_step_ms / 1e3
     return {
         "batch_size": batch_size,
         "forward_s": fwd,
