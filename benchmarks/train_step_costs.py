@@ -54,19 +54,21 @@ def nested_costs(model, shape, batch_size, repeats):
         return jax.tree.map(lambda p, g: p - 0.1 * g, params, d), bs, opt_state
 
     scan_len = 4
+    # The predicate is a traced argument: a Python `True` would let JAX inline the branch.
     variants = {
-        "top_level": (jax.jit(train_step), 1),
-        "in_cond": (jax.jit(lambda c: jax.lax.cond(True, train_step, lambda c: c, c)), 1),
-        "in_scan": (jax.jit(lambda c: jax.lax.scan(lambda c, _: (train_step(c), None), c,
-                                                   None, length=scan_len)[0]), scan_len),
+        "top_level": (jax.jit(lambda c, flag: train_step(c)), 1),
+        "in_cond": (jax.jit(lambda c, flag: jax.lax.cond(flag, train_step, lambda c: c, c)), 1),
+        "in_scan": (jax.jit(lambda c, flag: jax.lax.scan(lambda c, _: (train_step(c), None), c,
+                                                         None, length=scan_len)[0]), scan_len),
     }
+    flag = jnp.asarray(True)
     out = {}
     for name, (fn, steps_per_call) in variants.items():
-        jax.block_until_ready(fn(carry))
+        jax.block_until_ready(fn(carry, flag))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(carry))
+            jax.block_until_ready(fn(carry, flag))
             times.append((time.perf_counter() - t0) / steps_per_call)
         out[f"train_step_{name}_s"] = statistics.median(times)
     return out

@@ -26,11 +26,14 @@ def run_variants(
     seeds: Sequence[int],
     workdir: str,
 ) -> dict[str, list[list[dict]]]:
-    """Trains every variant (config overrides) for every seed; returns their records."""
-    runs: dict[str, list[list[dict]]] = {}
-    for name, overrides in variants.items():
-        runs[name] = []
-        for seed in seeds:
+    """Trains every variant (config overrides) for every seed; returns their records.
+
+    Seeds are the outer loop, so each seed's variants run back to back: on a shared,
+    noisy machine their wall-clock times are then measured under similar conditions.
+    """
+    runs: dict[str, list[list[dict]]] = {name: [] for name in variants}
+    for seed in seeds:
+        for name, overrides in variants.items():
             config = copy.deepcopy(base)
             for key, value in overrides.items():
                 config[key] = value

@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.nesterov = True
     c.weight_decay = 5e-4
     # Selection (Selective-Backprop and baselines; see sb_jax/selection).
-    c.selector = "traditional"  # traditional | sb | stale_sb | random | topk | kath18
+    # traditional | sb | stale_sb | random | topk | kath18 | adapt_sb | rho_loss
+    c.selector = "traditional"
     c.beta = 2.0  # selectivity: expected selected fraction 1/(beta+1)
     c.scoring_batch_size = 128  # b: examples scored per selection step
     c.history_size = 1024  # R: recent losses the percentile is taken against
@@ -66,12 +67,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.kath18_score = "loss"  # loss | grad_norm_bound
     c.kath18_reweight = False  # unbiased 1/(N p) weights (the SB paper ran False)
     c.flush_partial_batch = False  # end of epoch: train on a partial batch vs carry over
+    # AdaptSB (sb_jax/selection/adapt_sb.py): learned priority per loss-percentile bin.
+    c.adapt_num_bins = 8  # K: classes of examples (loss-percentile bins)
+    c.adapt_step_size = 0.1  # exponentiated-gradient step on the log-priorities
+    c.adapt_update_every = 8  # scored chunks per priority update
+    c.adapt_floor = 0.01  # exploration floor of each bin's selection probability
+    c.adapt_prior_pull = 0.02  # per update, pull of the log-priorities back to SB's curve
+    c.adapt_signal = "cosine"  # cosine | dot: how a bin's held-out alignment is measured
+    # Held-out batch of AdaptSB's signal, a sliding window over the validation split
+    # (needs validation_size > 0).
+    c.heldout_size = 256  # examples per held-out batch
+    c.heldout_every = 10  # optimizer steps between held-out gradient refreshes
+    # RHO-LOSS (sb_jax/selection/rho_loss.py): the irreducible-loss model, trained on the
+    # validation split before training (its time counts in wall_s).
+    c.rho_model = "small_cnn"  # model of sb_jax.models, default hyper-parameters
+    c.rho_epochs = 10  # epochs over the validation split
+    c.rho_learning_rate = 0.05  # constant SGD learning rate (momentum/wd as the main run)
     # Run.
     c.seed = 0
     c.eval_every = 1  # epochs between test-set evaluations
     c.eval_batch_size = 1000
     # Optimizer steps per jitted dispatch (a lax.scan over them when > 1). Keep 1 on the
-    # CPU: XLA's CPU backend runs convolution gradients ~12x slower nested in a loop.
+    # CPU: XLA's CPU backend runs convolution gradients ~20x slower nested in a loop.
     c.steps_per_dispatch = 1
     c.checkpoint_every = 1  # epochs between checkpoints
     c.keep_checkpoints = 2
@@ -116,7 +133,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         boundaries=schedules.parse_int_list(config.lr_boundaries), decay=config.lr_decay,
         warmup_epochs=config.warmup_epochs,
     )
-    make_policy_from_config(config)
+    policy = make_policy_from_config(config)
+    _validate_heldout(config, policy)
+
+
+def _validate_heldout(config: ml_collections.ConfigDict, policy) -> None:
+    """Held-out data for the policies that learn from it (AdaptSB, RHO-LOSS)."""
+    if not (policy.needs_heldout_grad or policy.set_irreducible_loss is not None):
+        return
+    if config.validation_size < 1:
+        raise ValueError(
+            f"selector {config.selector!r} learns from held-out data: set validation_size > 0 "
+            "(e.g. --config.validation_size=5000)"
+        )
+    if policy.needs_heldout_grad:
+        for name in ("heldout_size", "heldout_every"):
+            if config[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {config[name]}")
+        if config.heldout_size > config.validation_size:
+            raise ValueError(
+                f"heldout_size={config.heldout_size} exceeds validation_size="
+                f"{config.validation_size}; lower heldout_size or raise validation_size"
+            )
+    if policy.set_irreducible_loss is not None:
+        from sb_jax.models import available_models
+
+        if config.rho_model not in available_models():
+            raise ValueError(
+                f"unknown rho_model {config.rho_model!r}; choose one of {available_models()}"
+            )
+        if config.rho_epochs < 1:
+            raise ValueError(f"rho_epochs must be >= 1, got {config.rho_epochs}")
+        if not config.rho_learning_rate > 0:
+            raise ValueError(f"rho_learning_rate must be > 0, got {config.rho_learning_rate}")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -147,6 +196,14 @@ def policy_hyperparams(config: ml_collections.ConfigDict) -> dict:
     if name == "kath18":
         return {"beta": config.beta, "score": config.kath18_score,
                 "reweight": config.kath18_reweight, "batch_size": config.batch_size}
+    if name == "adapt_sb":
+        return {"beta": config.beta, "history_size": config.history_size,
+                "num_bins": config.adapt_num_bins, "step_size": config.adapt_step_size,
+                "update_every": config.adapt_update_every, "floor": config.adapt_floor,
+                "prior_pull": config.adapt_prior_pull, "signal": config.adapt_signal,
+                **scoring}
+    if name == "rho_loss":
+        return {"beta": config.beta, **scoring}
     return {}
 
 

@@ -7,7 +7,11 @@ The selective train step works on chunks of example ids (SPEC.md section 1):
     exactly those examples (fresh training-mode forward, plain mean loss).
 
 ``traditional`` is the policy that selects every example and never asks for scores, so
-one code path serves every selector.
+one code path serves every selector. Policies with ``needs_features`` get the scoring
+pass's penultimate features too; for policies with ``needs_heldout_grad`` (AdaptSB) each
+dispatch whose optimizer step is a multiple of ``heldout_every`` first recomputes the mean
+last-layer gradient on the next ``heldout_size`` held-out examples (an inference-mode
+forward, no backward) and keeps it in ``TrainState.heldout_grad``.
 
 One *dispatch* (a call of ``train_dispatch``) runs a ``lax.while_loop`` over chunks of
 the epoch until ``batch_size`` examples are queued or the epoch's chunks are used up,
@@ -17,9 +21,10 @@ epoch); otherwise the state is left exactly as it was, so extra dispatches are n
 
 Why the optimizer step is not inside ``lax.cond``/``lax.scan``: with jaxlib 0.10 on the
 CPU, XLA rewrites convolution weight-gradients into fast kernels only at the top level
-of a computation; nested in a while/cond body the same train step ran 12x slower
-(small CNN, batch 128: 60 ms plain, 730-790 ms in a cond or scan; measured with
-benchmarks/nested_train_step.py). ``steps_per_dispatch > 1`` scans several dispatches
+of a computation; nested in a cond or while body the same train step ran about 20x
+slower (small CNN, batch 128: 30 ms at the top level, 574 ms in ``lax.cond``, 704 ms per
+step in ``lax.scan``; ``python -m benchmarks.train_step_costs``, results in
+benchmarks/results/train_step_costs_cpu.json). ``steps_per_dispatch > 1`` scans several dispatches
 for accelerators, where per-call overhead matters and nesting costs nothing.
 """
 
@@ -35,7 +40,7 @@ import optax
 
 from sb_jax.data import device as data_device
 from sb_jax.selection import queue as queue_lib
-from sb_jax.selection.base import ChunkScores, SelectionPolicy
+from sb_jax.selection.base import ChunkScores, SelectionPolicy, head_gradient
 
 
 class Counters(NamedTuple):
@@ -46,6 +51,7 @@ class Counters(NamedTuple):
     examples_selected: jax.Array  # examples the policy put in the queue
     examples_seen: jax.Array  # valid examples drawn from the epoch permutations
     noisy_backward: jax.Array  # backpropagated examples whose label is corrupted
+    noisy_selected: jax.Array  # selected (queued) examples whose label is corrupted
     train_loss_sum: jax.Array  # sum of training-mode losses of backpropagated examples
     first_nonfinite_step: jax.Array  # -1, or the optimizer step whose loss was not finite
     nonfinite_loss: jax.Array  # that loss value
@@ -58,7 +64,7 @@ def counters_init() -> Counters:
 
     return Counters(
         examples_scored=count(), examples_backward=count(), examples_selected=count(),
-        examples_seen=count(), noisy_backward=count(),
+        examples_seen=count(), noisy_backward=count(), noisy_selected=count(),
         train_loss_sum=jnp.zeros((), jnp.float32),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
         nonfinite_loss=jnp.zeros((), jnp.float32),
@@ -76,6 +82,9 @@ class TrainState(NamedTuple):
     policy_state: Any
     queue: queue_lib.SelectionQueue
     counters: Counters
+    # float32 [D + 1, K]: mean last-layer gradient on the current held-out batch
+    # (`selection.head_gradient`); None unless the policy `needs_heldout_grad`.
+    heldout_grad: Any = None
 
 
 class DeviceData(NamedTuple):
@@ -84,6 +93,9 @@ class DeviceData(NamedTuple):
     images: jax.Array  # uint8 [N, H, W, C]
     labels: jax.Array  # int32 [N] (noisy where label noise is on)
     noisy: jax.Array  # bool [N]
+    # The held-out (validation) split, clean labels; only for `needs_heldout_grad` policies.
+    heldout_images: jax.Array | None = None  # uint8 [V, H, W, C]
+    heldout_labels: jax.Array | None = None  # int32 [V]
 
 
 class AugmentConfig(NamedTuple):
@@ -138,8 +150,22 @@ def make_step_fns(
     flush: bool = False,
     steps_per_dispatch: int = 1,
     donate: bool = True,
+    heldout_size: int = 256,
+    heldout_every: int = 10,
 ) -> StepFns:
-    """Builds the jitted step functions, closing over static configuration only."""
+    """Builds the jitted step functions, closing over static configuration only.
+
+    ``heldout_size`` and ``heldout_every`` matter only for a policy that
+    ``needs_heldout_grad``: examples per held-out batch (a sliding window over
+    ``DeviceData.heldout_images``) and optimizer steps between refreshes.
+    """
+    if steps_per_dispatch < 1:
+        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
+    if policy.needs_heldout_grad and (heldout_size < 1 or heldout_every < 1):
+        raise ValueError(
+            f"heldout_size and heldout_every must be >= 1, got {heldout_size} and "
+            f"{heldout_every}"
+        )
     chunk_size = policy.chunk_size
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
@@ -163,7 +189,11 @@ def make_step_fns(
         return jax.vmap(one)(keys, x)
 
     def single_example_loss(params, batch_stats, x, y):
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, x[None], train=False)
+        variables = {"params": params, "batch_stats": batch_stats}
+        if policy.needs_features:
+            logits, features = model.apply(variables, x[None], train=False, return_features=True)
+            return softmax_xent(logits, y[None])[0], logits[0], features[0]
+        logits = model.apply(variables, x[None], train=False)
         return softmax_xent(logits, y[None])[0], logits[0]
 
     # Per-example inference losses: the vmap of the single-example loss (batched by XLA).
@@ -220,30 +250,67 @@ def make_step_fns(
         def score(_):
             epochs = jnp.full_like(ids, epoch)
             x = model_inputs(data.images[ids], ids, epochs)
-            losses, logits = score_batch(state.params, state.batch_stats, x, data.labels[ids])
-            return losses * need, logits * need[:, None]
+            outputs = score_batch(state.params, state.batch_stats, x, data.labels[ids])
+            # Zero where not requested: (losses, logits[, features]).
+            return tuple(o * need.reshape(need.shape + (1,) * (o.ndim - 1)) for o in outputs)
 
         def skip(_):
-            return (jnp.zeros(ids.shape, jnp.float32),
-                    jnp.zeros(ids.shape + (num_classes,), jnp.float32))
+            return jax.tree.map(
+                lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(score, None)
+            )
 
-        losses, logits = jax.lax.cond(jnp.any(need), score, skip, None)
-        scores = ChunkScores(ids=ids, valid=valid, scored=need, losses=losses, logits=logits,
-                             labels=data.labels[ids])
+        outputs = jax.lax.cond(jnp.any(need), score, skip, None)
+        scores = ChunkScores(
+            ids=ids, valid=valid, scored=need, losses=outputs[0], logits=outputs[1],
+            labels=data.labels[ids],
+            features=outputs[2] if policy.needs_features else None,
+            heldout_grad=state.heldout_grad if policy.needs_heldout_grad else None,
+        )
         selection, policy_state = policy.select(scores, state.policy_state, epoch)
         keep = selection.valid & valid[selection.indices]
         queue = queue_lib.queue_push(state.queue, ids[selection.indices], selection.weights,
                                      keep, jnp.full(selection.indices.shape, epoch, jnp.int32))
         c = state.counters
+        noisy_kept = data.noisy[ids[selection.indices]] & keep
         counters = c._replace(
             examples_scored=c.examples_scored + need.sum().astype(jnp.int32),
             examples_selected=c.examples_selected + keep.sum().astype(jnp.int32),
             examples_seen=c.examples_seen + valid.sum().astype(jnp.int32),
+            noisy_selected=c.noisy_selected + noisy_kept.sum().astype(jnp.int32),
         )
         return state._replace(policy_state=policy_state, queue=queue, counters=counters)
 
+    def heldout_gradient(state: TrainState, data: DeviceData) -> jax.Array:
+        """Mean head gradient on the held-out window of this refresh (inference mode)."""
+        num_heldout = data.heldout_labels.shape[0]
+        # Consecutive refreshes use consecutive windows, so the whole split is used in turn.
+        start = (state.step // heldout_every) * heldout_size
+        ids = (start + jnp.arange(heldout_size)) % num_heldout
+        x = data_device.normalize(data.heldout_images[ids], mean, std)
+        logits, features = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
+            return_features=True,
+        )
+        return head_gradient(logits, features, data.heldout_labels[ids])
+
+    def refresh_heldout(state: TrainState, data: DeviceData) -> TrainState:
+        if data.heldout_images is None or state.heldout_grad is None:
+            raise ValueError(
+                f"policy {policy.name!r} needs a held-out gradient: give DeviceData "
+                "heldout_images/heldout_labels and TrainState.heldout_grad (zeros [D + 1, K])"
+            )
+        # The state's step is unchanged by a no-op dispatch, so a repeat is idempotent.
+        due = state.step % heldout_every == 0
+        grad = jax.lax.cond(
+            due, lambda: heldout_gradient(state, data).astype(state.heldout_grad.dtype),
+            lambda: state.heldout_grad,
+        )
+        return state._replace(heldout_grad=grad)
+
     def one_dispatch(state: TrainState, data: DeviceData, chunk_ids, chunk_valid, epoch):
         num_chunks = chunk_ids.shape[0]
+        if policy.needs_heldout_grad:
+            state = refresh_heldout(state, data)
 
         def more_chunks(s):
             return (s.queue.size < batch_size) & (s.cursor < num_chunks)
@@ -291,8 +358,6 @@ def make_step_fns(
         )
         return errs, loss
 
-    if steps_per_dispatch < 1:
-        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
     return StepFns(
         train_dispatch=jax.jit(train_dispatch, donate_argnums=(0,) if donate else ()),
         evaluate=jax.jit(evaluate),
