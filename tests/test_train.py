@@ -175,3 +175,21 @@ def test_cli_rejects_wrong_type(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0
     assert "num_epochs" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"selector": "sb", "beta": 0.0}, "beta"),
+        ({"selector": "sb", "beta": -1.0}, "beta"),
+        ({"selector": "stale_sb", "staleness": 0}, "staleness"),
+        ({"selector": "sb", "history_size": 0}, "history_size"),
+        ({"selector": "kath18", "kath18_score": "entropy"}, "entropy"),
+        ({"selector": "sb", "scoring_batch_size": 64, "batch_size": 32}, "batch_size"),
+        ({"selector": "nope"}, r"unknown selection policy 'nope'"),
+    ],
+)
+def test_bad_selector_configs(overrides, message):
+    config = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate_config(config)
