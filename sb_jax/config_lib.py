@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapt_floor = 0.01  # exploration floor of each bin's selection probability
     c.adapt_prior_pull = 0.02  # per update, pull of the log-priorities back to SB's curve
     c.adapt_signal = "cosine"  # cosine | dot: how a bin's held-out alignment is measured
+    c.adapt_split_by_alignment = False  # also split each bin by the sign of <g_i, G>
     # Held-out batch of AdaptSB's signal, a sliding window over the validation split
     # (needs validation_size > 0).
     c.heldout_size = 256  # examples per held-out batch
@@ -201,6 +202,7 @@ def policy_hyperparams(config: ml_collections.ConfigDict) -> dict:
                 "num_bins": config.adapt_num_bins, "step_size": config.adapt_step_size,
                 "update_every": config.adapt_update_every, "floor": config.adapt_floor,
                 "prior_pull": config.adapt_prior_pull, "signal": config.adapt_signal,
+                "split_by_alignment": config.adapt_split_by_alignment,
                 **scoring}
     if name == "rho_loss":
         return {"beta": config.beta, **scoring}

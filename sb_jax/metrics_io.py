@@ -118,6 +118,52 @@ def plot_error_curves(
     plt.close(fig)
 
 
+def plot_priorities(
+    records: Iterable[Mapping[str, Any]],
+    path: str,
+    *,
+    title: str | None = None,
+    reference: Iterable[float] | None = None,
+    class_names: Iterable[str] | None = None,
+) -> None:
+    """Priority of each class of examples per evaluated epoch (AdaptSB), saved as PNG.
+
+    ``records`` are metrics.jsonl records (:func:`read_metrics`); those without a
+    ``priorities`` list are skipped. ``reference`` (e.g. SB's binned curve,
+    ``selection.adapt_sb.sb_bin_priorities``) is drawn dashed, one level per class.
+    ``class_names`` label the lines (default "class k").
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["epoch"], r["priorities"]) for r in records if "priorities" in r]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    if points:
+        epochs = [e for e, _ in points]
+        levels = list(zip(*(p for _, p in points), strict=True))
+        colors = plt.cm.viridis([i / max(len(levels) - 1, 1) for i in range(len(levels))])
+        names = list(class_names) if class_names is not None else [
+            f"class {k}" for k in range(len(levels))
+        ]
+        for ys, color, name in zip(levels, colors, names, strict=True):
+            ax.plot(epochs, ys, marker="o", markersize=3, color=color, label=name)
+        if reference is not None:
+            for level, color in zip(reference, colors, strict=True):
+                ax.axhline(level, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("selection probability")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if points:  # Outside the axes: priorities span the whole [0, 1] range.
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 class Progress:
     """Terminal progress: epoch, steps/s, examples/s and ETA from recent throughput."""
 

@@ -52,6 +52,7 @@ class Counters(NamedTuple):
     examples_seen: jax.Array  # valid examples drawn from the epoch permutations
     noisy_backward: jax.Array  # backpropagated examples whose label is corrupted
     noisy_selected: jax.Array  # selected (queued) examples whose label is corrupted
+    examples_heldout: jax.Array  # held-out inference forwards (AdaptSB's signal)
     train_loss_sum: jax.Array  # sum of training-mode losses of backpropagated examples
     first_nonfinite_step: jax.Array  # -1, or the optimizer step whose loss was not finite
     nonfinite_loss: jax.Array  # that loss value
@@ -65,6 +66,7 @@ def counters_init() -> Counters:
     return Counters(
         examples_scored=count(), examples_backward=count(), examples_selected=count(),
         examples_seen=count(), noisy_backward=count(), noisy_selected=count(),
+        examples_heldout=count(),
         train_loss_sum=jnp.zeros((), jnp.float32),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
         nonfinite_loss=jnp.zeros((), jnp.float32),
@@ -305,7 +307,11 @@ def make_step_fns(
             due, lambda: heldout_gradient(state, data).astype(state.heldout_grad.dtype),
             lambda: state.heldout_grad,
         )
-        return state._replace(heldout_grad=grad)
+        c = state.counters
+        counters = c._replace(
+            examples_heldout=c.examples_heldout + jnp.where(due, heldout_size, 0).astype(jnp.int32)
+        )
+        return state._replace(heldout_grad=grad, counters=counters)
 
     def one_dispatch(state: TrainState, data: DeviceData, chunk_ids, chunk_valid, epoch):
         num_chunks = chunk_ids.shape[0]

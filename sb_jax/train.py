@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sb_jax import checkpointing, config_lib, metrics_io, schedules, steps
+from sb_jax import checkpointing, config_lib, irreducible_loss, metrics_io, schedules, steps
 from sb_jax.data import device as data_device
 from sb_jax.data import load_dataset
 from sb_jax.models import create_model
@@ -93,6 +93,10 @@ def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.Trai
     variables = model.init({"params": init_key, "dropout": dropout_key}, sample, train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
+    heldout_grad = None
+    if policy.needs_heldout_grad:
+        feature_dim, num_classes = params["head"]["kernel"].shape
+        heldout_grad = jnp.zeros((feature_dim + 1, num_classes), jnp.float32)
     return steps.TrainState(
         step=jnp.zeros((), jnp.int32),
         cursor=jnp.zeros((), jnp.int32),
@@ -102,7 +106,31 @@ def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.Trai
         policy_state=policy.init(dataset.num_train, policy_key),
         queue=queue_lib.queue_for(config.batch_size, policy.max_selected),
         counters=steps.counters_init(),
+        heldout_grad=heldout_grad,
     )
+
+
+def train_irreducible_loss(config, dataset, key: jax.Array) -> tuple[np.ndarray, float]:
+    """RHO-LOSS's irreducible losses of the training set and the seconds they took."""
+    t0 = time.perf_counter()
+    model = create_model(config.rho_model, dataset.num_classes)
+    losses = irreducible_loss.irreducible_losses(
+        model,
+        heldout_images=dataset.val_images,
+        heldout_labels=dataset.val_labels,
+        train_images=dataset.train_images,
+        train_labels=dataset.train_labels,
+        mean=dataset.mean,
+        std=dataset.std,
+        key=key,
+        num_epochs=config.rho_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.rho_learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        eval_batch_size=config.eval_batch_size,
+    )
+    return losses, time.perf_counter() - t0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -140,11 +168,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dropout_key=dropout_key,
         flush=config.flush_partial_batch,
         steps_per_dispatch=config.steps_per_dispatch,
+        heldout_size=config.heldout_size,
+        heldout_every=config.heldout_every,
     )
+    heldout = {}
+    if policy.needs_heldout_grad:
+        heldout = {"heldout_images": jnp.asarray(dataset.val_images),
+                   "heldout_labels": jnp.asarray(dataset.val_labels, jnp.int32)}
     data = steps.DeviceData(
         images=jnp.asarray(dataset.train_images),
         labels=jnp.asarray(dataset.train_labels, jnp.int32),
         noisy=jnp.asarray(dataset.noisy),
+        **heldout,
     )
     test_arrays = _eval_arrays(dataset.test_images, dataset.test_labels, config.eval_batch_size)
     val_arrays = (
@@ -160,10 +195,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = ckpt.restore_latest(abstract_state)
     if restored is None:
         state, start_epoch, wall_s = fresh_state(init_key), 0, 0.0
+        irreducible_s = 0.0
+        if policy.set_irreducible_loss is not None:
+            # Part of the run's cost: counted in wall_s. The losses live in the policy state,
+            # so a resumed run restores them instead of training the model again.
+            losses, irreducible_s = train_irreducible_loss(
+                config, dataset, jax.random.fold_in(init_key, 1)
+            )
+            wall_s += irreducible_s
+            state = state._replace(
+                policy_state=policy.set_irreducible_loss(state.policy_state, losses)
+            )
+            logging.info("irreducible-loss model: %.1fs, mean loss %.4f", irreducible_s,
+                         float(np.mean(losses)))
         config_lib.save_config(config, workdir)
     else:
         state, start_epoch, extra = restored
         wall_s = float(extra["wall_s"])
+        irreducible_s = float(extra.get("irreducible_model_wall_s", 0.0))
         logging.info("resumed from checkpoint after epoch %d (%s)", start_epoch, ckpt.directory)
 
     writer = metrics_io.MetricWriter(workdir, resume_epoch=start_epoch,
@@ -211,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if (epoch + 1) % config.eval_every == 0 or is_last:
                 record = _evaluation_record(
                     fns, state, test_arrays, val_arrays, epoch, wall_s, now_counters,
-                    epoch_start_counters, lr_schedule, dataset,
+                    epoch_start_counters, lr_schedule, dataset, policy,
                 )
                 writer.write(record)
                 logging.info(
@@ -221,12 +270,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 epoch_start_counters = now_counters
             if (epoch + 1) % config.checkpoint_every == 0 or is_last:
-                ckpt.save(epoch + 1, state, {"wall_s": wall_s})
+                ckpt.save(epoch + 1, state,
+                          {"wall_s": wall_s, "irreducible_model_wall_s": irreducible_s})
     finally:
         writer.close()
         ckpt.close()
 
     summary = _summary(config, workdir, dataset, state, wall_s)
+    if policy.set_irreducible_loss is not None:
+        summary["irreducible_model_wall_s"] = irreducible_s
     metrics_io.write_json(os.path.join(workdir, metrics_io.SUMMARY_FILE), summary)
     records = metrics_io.read_metrics(workdir)
     metrics_io.plot_error_curves(
@@ -234,11 +286,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.path.join(workdir, "test_error_vs_time.png"),
         title=f"{config.dataset} / {config.model}",
     )
+    if any("priorities" in r for r in records):
+        metrics_io.plot_priorities(
+            records, os.path.join(workdir, "priorities.png"),
+            title=f"{config.selector}: priority per class of examples",
+            class_names=_priority_class_names(config),
+        )
     return summary
 
 
+def _priority_class_names(config) -> list[str] | None:
+    """Names of AdaptSB's classes of examples, in the order of its priorities."""
+    if config.selector != "adapt_sb":
+        return None
+    names = [f"loss bin {k}" for k in range(config.adapt_num_bins)]
+    if config.adapt_split_by_alignment:
+        names += [f"loss bin {k}, opposed" for k in range(config.adapt_num_bins)]
+    return names
+
+
 def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, counters,
-                       since, lr_schedule, dataset) -> dict[str, Any]:
+                       since, lr_schedule, dataset, policy) -> dict[str, Any]:
     errs, loss = fns.evaluate(state.params, state.batch_stats, *test_arrays)
     n_test = int(test_arrays[2].sum())
     backward = counters["examples_backward"] - since["examples_backward"]
@@ -248,9 +316,10 @@ def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, count
         "step": int(state.step),
         "wall_s": round(wall_s, 4),
         "lr": float(lr_schedule(float(epoch))),
-        # Every forward pass: inference-mode scoring plus the training forward of each
-        # backpropagated example. The two components are reported too.
-        "examples_forward": counters["examples_scored"] + counters["examples_backward"],
+        # Every forward pass: inference-mode scoring, the training forward of each
+        # backpropagated example and AdaptSB's held-out forwards. Components reported too.
+        "examples_forward": counters["examples_scored"] + counters["examples_backward"]
+        + counters["examples_heldout"],
         "examples_scored": counters["examples_scored"],
         "examples_backward": counters["examples_backward"],
         "examples_selected": counters["examples_selected"],
@@ -264,6 +333,14 @@ def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, count
     if dataset.noisy.any():
         noisy_bw = counters["noisy_backward"] - since["noisy_backward"]
         record["mislabeled_backward_fraction"] = noisy_bw / max(backward, 1)
+        selected = counters["examples_selected"] - since["examples_selected"]
+        noisy_sel = counters["noisy_selected"] - since["noisy_selected"]
+        record["selected_mislabeled_fraction"] = noisy_sel / max(selected, 1)
+    if policy.needs_heldout_grad:
+        record["examples_heldout"] = counters["examples_heldout"]
+    if policy.diagnostics is not None:
+        diagnostics = jax.device_get(policy.diagnostics(state.policy_state))
+        record.update({name: np.asarray(value).tolist() for name, value in diagnostics.items()})
     if val_arrays is not None:
         verrs, vloss = fns.evaluate(state.params, state.batch_stats, *val_arrays)
         n_val = int(val_arrays[2].sum())

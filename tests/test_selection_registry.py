@@ -17,6 +17,8 @@ SMALL = {
     "random": dict(beta=1.0, batch_size=8),
     "topk": dict(beta=1.0, batch_size=8),
     "kath18": dict(beta=1.0, batch_size=4, tau_threshold=1e-3),  # Sampling on at once.
+    "adapt_sb": dict(beta=1.0, batch_size=8, history_size=16, update_every=2),
+    "rho_loss": dict(beta=1.0, batch_size=8),
 }
 
 @pytest.fixture(autouse=True)
@@ -57,6 +59,11 @@ def test_policy_protocol(name):
                 losses=losses,
                 logits=jnp.where(needs[:, None], jnp.asarray(rng.normal(size=(size, 3))), 0.0),
                 labels=jnp.asarray(rng.integers(0, 3, size), jnp.int32),
+                # Only for the policies that ask (AdaptSB): features D = 4, G [D + 1, 3].
+                features=jnp.where(needs[:, None], jnp.asarray(rng.normal(size=(size, 4))), 0.0)
+                if policy.needs_features else None,
+                heldout_grad=jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+                if policy.needs_heldout_grad else None,
             )
             selection, state = select(scores, state, jnp.int32(epoch))
             chex.assert_shape(
@@ -115,6 +122,10 @@ BAD_HYPERPARAMETERS = [
     ("kath18", dict(beta=1, tau_threshold=0.0), "tau_threshold"),
     ("kath18", dict(beta=1, reweight="yes"), "reweight"),
     ("kath18", dict(beta=1, batch_size=0), "batch_size"),
+    ("adapt_sb", dict(beta=0), "beta"),
+    ("adapt_sb", dict(beta=1, floor=0.5), "floor"),
+    ("rho_loss", dict(beta=0), "beta"),
+    ("rho_loss", dict(beta=1, batch_size=0), "batch_size"),
 ]
 
 

@@ -179,3 +179,127 @@ def test_evaluate_counts_errors_and_ignores_padding():
     ref_loss = float(np.sum(lse - logits[np.arange(10), labels]))
     assert int(errs) == ref_errs
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+
+
+class HeadModel(nn.Module):
+    """A hidden layer and a `head`, returning (logits, features) like the model zoo."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        features = nn.relu(nn.Dense(4, name="dense")(x.reshape(x.shape[0], -1)))
+        logits = nn.Dense(NUM_CLASSES, name="head")(features)
+        return (logits, features) if return_features else logits
+
+
+def numpy_head_gradient(params, images, labels):
+    """Mean last-layer gradient [D + 1, K] of HeadModel in float64."""
+    x = ((images.astype(np.float64) / 255.0 - MEAN) / STD).reshape(len(images), -1)
+    dense, head = params["dense"], params["head"]
+    f = np.maximum(x @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"]), 0.0)
+    logits = f @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return np.concatenate([f, np.ones((len(f), 1))], 1).T @ p / len(labels)
+
+
+def build_adapt(n, *, batch_size, heldout_size, heldout_every, donate=False):
+    model = HeadModel()
+    policy = make_policy("adapt_sb", beta=1.0, batch_size=batch_size, history_size=16,
+                         update_every=1, prime_epochs=0)
+    tx = steps.make_optimizer(0.9, True, 5e-4)
+    fns = steps.make_step_fns(
+        model=model, policy=policy, tx=tx,
+        lr_schedule=schedules.make_epoch_schedule("constant", 0.1, num_epochs=1),
+        batch_size=batch_size, num_train=n, num_classes=NUM_CLASSES, mean=MEAN, std=STD,
+        augment_cfg=steps.AugmentConfig(), aug_key=jax.random.PRNGKey(1),
+        dropout_key=jax.random.PRNGKey(2), donate=donate, heldout_size=heldout_size,
+        heldout_every=heldout_every,
+    )
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)))["params"]
+    state = steps.TrainState(
+        step=jnp.zeros((), jnp.int32), cursor=jnp.zeros((), jnp.int32), params=params,
+        batch_stats={}, opt_state=tx.init(params),
+        policy_state=policy.init(n, jax.random.PRNGKey(3)),
+        queue=queue_for(batch_size, policy.max_selected), counters=steps.counters_init(),
+        heldout_grad=jnp.zeros((4 + 1, NUM_CLASSES), jnp.float32),
+    )
+    return fns, state
+
+
+def adapt_data(n, num_heldout):
+    images, labels, noisy = make_data(n=n)
+    held_images, held_labels, _ = make_data(n=num_heldout, seed=1)
+    data = steps.DeviceData(
+        jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy),
+        heldout_images=jnp.asarray(held_images), heldout_labels=jnp.asarray(held_labels),
+    )
+    return data, held_images, held_labels
+
+
+def test_heldout_gradient_refreshes_on_schedule_with_sliding_window():
+    data, held_images, held_labels = adapt_data(64, num_heldout=6)
+    fns, state = build_adapt(64, batch_size=4, heldout_size=4, heldout_every=2)
+    ids = jnp.arange(64, dtype=jnp.int32).reshape(16, 4)
+    valid = jnp.ones((16, 4), bool)
+    params_by_step = {}
+    grads_by_step = {}
+    refreshes = 0
+    for _ in range(12):
+        refreshes += int(state.step) % 2 == 0
+        params_by_step.setdefault(int(state.step), state.params)
+        state, _ = fns.train_dispatch(state, data, ids, valid, jnp.int32(0))
+        # The gradient a dispatch used is the one refreshed at its start.
+        grads_by_step.setdefault(int(state.step) - 1, np.asarray(state.heldout_grad))
+    assert int(state.step) >= 5
+    for step in (0, 2, 4):
+        window = (np.arange(4) + (step // 2) * 4) % 6  # Windows 0-3, 4-5+0-1, 2-5.
+        expected = numpy_head_gradient(params_by_step[step], held_images[window],
+                                       held_labels[window])
+        np.testing.assert_allclose(grads_by_step[step], expected, rtol=1e-4, atol=1e-6)
+    # Between refreshes the gradient is kept: step 1 trained with step 0's gradient.
+    np.testing.assert_array_equal(grads_by_step[1], grads_by_step[0])
+    assert int(state.policy_state.num_updates) > 0
+    c = state.counters
+    assert int(c.examples_scored) == int(c.examples_seen)  # prime_epochs=0: all scored.
+    assert int(c.examples_heldout) == 4 * refreshes
+
+
+def test_adapt_sb_dispatch_traced_once():
+    data, _, _ = adapt_data(32, num_heldout=8)
+    fns, state = build_adapt(32, batch_size=8, heldout_size=4, heldout_every=3, donate=True)
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)
+    for epoch in range(2):
+        state, _ = run_epoch(fns, state, data, ids, jnp.ones((4, 8), bool), epoch)
+    assert fns.train_dispatch._cache_size() == 1
+
+
+def test_missing_heldout_data_is_a_clear_error():
+    images, labels, noisy = make_data(n=16)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    fns, state = build_adapt(16, batch_size=4, heldout_size=4, heldout_every=1)
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(4, 4)
+    with pytest.raises(ValueError, match="needs a held-out gradient"):
+        fns.train_dispatch(state, data, ids, jnp.ones((4, 4), bool), jnp.int32(0))
+
+
+def test_noisy_selected_counts_selected_mislabeled_examples():
+    images, labels, noisy = make_data(n=12)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    # topk with beta=1 keeps the 2 highest-loss examples of each chunk of 4.
+    policy = make_policy("topk", beta=1.0, batch_size=4, prime_epochs=0)
+    fns, state = build(policy, batch_size=4, n=12)
+    ids = jnp.asarray([[0, 5, 6, 7], [1, 2, 8, 9], [3, 4, 10, 11]], jnp.int32)
+    new, _ = run_epoch(fns, state, data, ids, jnp.ones((3, 4), bool), 0)
+    # The first two chunks are scored by the initial model (the first step needs 4 queued).
+    w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+    b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+    x = ((images / 255.0 - MEAN) / STD).reshape(12, -1)
+    logits = x @ w + b
+    losses = np.log(np.exp(logits).sum(1)) - logits[np.arange(12), labels]
+    first_two = [row[np.argsort(-losses[row], kind="stable")[:2]] for row in np.asarray(ids)[:2]]
+    assert int(new.counters.examples_selected) == 6
+    # The third chunk (scored after the first optimizer step) holds no corrupted id.
+    expected = int(np.sum(noisy[np.concatenate(first_two)]))
+    assert 0 < expected < 3  # The selection, not the ids alone, decides the count.
+    assert int(new.counters.noisy_selected) == expected

@@ -193,3 +193,66 @@ def test_bad_selector_configs(overrides, message):
     config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=message):
         config_lib.validate_config(config)
+
+
+def held_out_config(selector, epochs):
+    return tiny_config(selector=selector, num_epochs=epochs, train_subset=256,
+                       validation_size=200, heldout_size=64, heldout_every=2, label_noise=0.2,
+                       adapt_update_every=2, rho_epochs=2)
+
+
+def test_adapt_sb_logs_priorities_and_resumes_exactly(tmp_path):
+    """AdaptSB end to end: per-epoch priorities and noise share; the held-out gradient and
+    the priorities are checkpointed, so a resumed run ends exactly as a straight one."""
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(held_out_config("adapt_sb", 3), str(straight))
+    records = metrics_io.read_metrics(str(straight))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert 0.0 <= record["selected_mislabeled_fraction"] <= 1.0
+        assert len(record["priorities"]) == 8 and len(record["priority_signal"]) == 8
+    assert records[-1]["priorities"] != records[0]["priorities"]  # Updated after priming.
+    assert os.path.exists(straight / "priorities.png")
+    resumed = tmp_path / "resumed"
+    train.train_and_evaluate(held_out_config("adapt_sb", 2), str(resumed))
+    train.train_and_evaluate(held_out_config("adapt_sb", 3), str(resumed))
+    fields = DETERMINISTIC_FIELDS + ("selected_mislabeled_fraction", "priorities",
+                                     "priority_signal")
+    assert [{k: r[k] for k in fields} for r in metrics_io.read_metrics(str(resumed))] == [
+        {k: r[k] for k in fields} for r in records
+    ]
+
+
+def test_rho_loss_counts_its_model_and_restores_it_on_resume(tmp_path):
+    first = train.train_and_evaluate(held_out_config("rho_loss", 1), str(tmp_path))
+    model_s = first["irreducible_model_wall_s"]
+    assert 0 < model_s < first["wall_s"]  # Counted in the run's time.
+    resumed = train.train_and_evaluate(held_out_config("rho_loss", 2), str(tmp_path))
+    # Restored with the state, not trained again: the same losses, the same recorded cost.
+    assert resumed["irreducible_model_wall_s"] == model_s
+    records = metrics_io.read_metrics(str(tmp_path))
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["irreducible_loss_mean"] == records[1]["irreducible_loss_mean"] > 0
+    assert records[0]["wall_s"] > model_s
+    assert 0.0 <= records[1]["selected_mislabeled_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(selector="adapt_sb", validation_size=0), "set validation_size > 0"),
+        (dict(selector="rho_loss", validation_size=0), "set validation_size > 0"),
+        (dict(selector="adapt_sb", validation_size=100, heldout_size=200),
+         "heldout_size=200 exceeds validation_size=100"),
+        (dict(selector="adapt_sb", validation_size=100, heldout_every=0),
+         "heldout_every must be >= 1"),
+        (dict(selector="adapt_sb", validation_size=100, adapt_floor=0.5), "floor must be"),
+        (dict(selector="rho_loss", validation_size=100, rho_model="vgg"),
+         "unknown rho_model 'vgg'"),
+        (dict(selector="rho_loss", validation_size=100, rho_epochs=0),
+         "rho_epochs must be >= 1"),
+    ],
+)
+def test_held_out_policy_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate_config(tiny_config(**overrides))

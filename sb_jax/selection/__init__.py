@@ -1,4 +1,4 @@
-"""Example-selection policies: Selective-Backprop, Stale-SB and the paper's baselines.
+"""Example-selection policies: Selective-Backprop, Stale-SB, AdaptSB and the baselines.
 
 Every policy is a factory returning a :class:`SelectionPolicy` (see ``base.py`` for the
 protocol). Build one by name with :func:`make_policy`, e.g.
@@ -10,7 +10,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from sb_jax.selection.base import ChunkScores, PolicyState, Selection, SelectionPolicy
+from sb_jax.selection.adapt_sb import adapt_sb
+from sb_jax.selection.base import (
+    ChunkScores,
+    PolicyState,
+    Selection,
+    SelectionPolicy,
+    head_gradient,
+)
 from sb_jax.selection.baselines import random, topk
 from sb_jax.selection.kath18 import kath18
 from sb_jax.selection.queue import (
@@ -21,6 +28,7 @@ from sb_jax.selection.queue import (
     queue_pop,
     queue_push,
 )
+from sb_jax.selection.rho_loss import rho_loss
 from sb_jax.selection.sb import sb, stale_sb
 from sb_jax.selection.traditional import traditional
 
@@ -31,6 +39,8 @@ POLICIES: dict[str, Callable[..., SelectionPolicy]] = {
     "random": random,
     "topk": topk,
     "kath18": kath18,
+    "adapt_sb": adapt_sb,
+    "rho_loss": rho_loss,
 }
 
 
@@ -65,6 +75,8 @@ __all__ = [
     "Selection",
     "SelectionPolicy",
     "SelectionQueue",
+    "adapt_sb",
+    "head_gradient",
     "kath18",
     "make_policy",
     "min_queue_capacity",
@@ -73,6 +85,7 @@ __all__ = [
     "queue_pop",
     "queue_push",
     "random",
+    "rho_loss",
     "sb",
     "stale_sb",
     "topk",
