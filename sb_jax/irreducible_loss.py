@@ -7,7 +7,7 @@ irreducible loss, which is what makes RHO-LOSS skip it). Pure apart from the com
 no I/O, deterministic given the key.
 
 The train step is a top-level jitted call per batch, not a ``lax.scan``: on the CPU, XLA
-runs convolution gradients ~12x slower nested in a loop (see :mod:`sb_jax.steps`).
+runs convolution gradients ~20x slower nested in a loop (see :mod:`sb_jax.steps`).
 """
 
 from __future__ import annotations
