@@ -79,8 +79,18 @@ def main(argv):
         "/tmp", "sb_bench_" + os.path.basename(os.path.normpath(_OUT.value)))
 
     model = create_model(base.model, 10, **config_lib.model_kwargs(base))
-    step_costs = costs.measure_step_costs(model, (28, 28, 1), batch_size=base.batch_size)
-    runs = comparison.run_variants(base, variants, seeds, workdir)
+    # Costs are measured before each seed's runs and after the last, and averaged, so the
+    # cost model sees the machine in the state the runs saw it.
+    cost_samples, runs = [], {name: [] for name in variants}
+    for seed in seeds:
+        cost_samples.append(costs.measure_step_costs(model, (28, 28, 1),
+                                                     batch_size=base.batch_size))
+        for name, records in comparison.run_variants(base, variants, [seed], workdir).items():
+            runs[name].extend(records)
+    cost_samples.append(costs.measure_step_costs(model, (28, 28, 1), batch_size=base.batch_size))
+    step_costs = {key: statistics.mean(sample[key] for sample in cost_samples)
+                  for key in cost_samples[0] if key != "backend"}
+    step_costs["samples"] = cost_samples
     result = comparison.compare(runs)
     for name, summary in result["policies"].items():
         summary["cost_model"] = epoch_cost_model(runs[name], step_costs)
