@@ -1,0 +1,679 @@
+"""Typed, validated planner inputs: app profiles, the shared base network, problems.
+
+Everything a planner needs is a :class:`Problem`: the apps (:class:`AppProfile`, one per
+application: its accuracy / false-positive curves over the chokepoints and its event
+parameters), the shared base network (:class:`BaseNetwork`: per-layer cost, optional
+per-layer parameter bytes, the chokepoints), the compute budget, an optional memory
+budget, the objective and the event-model form.
+
+Inputs come from two formats, both validated here so that every bad value fails early
+with a ``ValueError`` naming the app and the field:
+
+* the shipped profile directory (``data/mainstream_mobilenet``: ``profile.json``,
+  ``accuracy/<app>.csv``, ``layer_costs.csv``, ``layer_params.csv``), loaded by
+  :func:`load_profile_dir` / :func:`load_mobilenet`;
+* a JSON *problem file* (:func:`load_problem`), documented in :data:`PROBLEM_FILE_DOC`.
+
+The original forces each accuracy curve to be non-increasing in the number of frozen
+layers before planning (:func:`monotone_accuracy`); loading applies it by default.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+OBJECTIVES = ("f1", "fnr", "fdr", "maxmin_f1")
+"""Objectives: maximise mean event F1 (default); minimise mean false-negative rate
+(1 - recall); minimise mean false-discovery rate (1 - precision, called "fpr" in the
+original code); maximise the minimum F1 over apps (max-min fairness)."""
+
+EVENT_MODELS = ("faithful", "corrected")
+"""Event-model forms (docs/SPEC.md section 3). ``faithful`` (default) reproduces the
+published numbers: event length in frames d = L/1000 * phi. ``corrected`` counts the event
+in frames of the original stream: d = L/1000 * F."""
+
+MIB = float(2**20)
+
+PROBLEM_FILE_DOC = """\
+A problem file is one JSON object:
+
+{
+  "description": "...",          # optional, ignored
+  "budget": 150,                 # compute budget: layer-cost units x frames/s (required
+                                 # unless given on the command line)
+  "stream_fps": 10,              # F, frames/s of the stream (default 10)
+  "memory_budget_mib": 40,       # optional: MiB of parameters that may be resident
+  "objective": "f1",             # f1 | fnr | fdr | maxmin_f1 (default f1)
+  "event_model": "faithful",     # faithful | corrected (default faithful)
+  "network": "mobilenet",        # the shipped MobileNet-224 profile (default), or
+                                 # {"name": .., "layer_costs": [..], "chokepoints": [..],
+                                 #  "layer_bytes": [..] (optional), "layer_names": [..]}
+  "apps": [                      # one entry per app, at least one
+    {"name": "trains_at_crossing",
+     "profile": "train",         # a shipped app type: its curves and, unless given
+                                 # below, its event parameters
+     "event_length_ms": 800, "event_frequency": 0.05, "correlation": 0.3,
+     "weight": 2.0,              # optional, default 1: weight in the mean objective
+     "x_vote": 1},               # optional, default 1: consecutive hits to fire
+    {"name": "my_detector",      # or explicit curves over the network's chokepoints
+     "curves": {"num_frozen": [0, 3, ...], "accuracy": [...],
+                "false_positive_rate": [...]},
+     "event_length_ms": 500, "event_frequency": 0.2, "correlation": 0.1}
+  ]
+}
+"""
+
+
+# ----------------------------------------------------------------------------- types
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BaseNetwork:
+    """The shared base network: per-layer cost and (optionally) parameter bytes.
+
+    Attributes:
+      name: a label.
+      layer_costs: float64 [L], relative inference cost of each layer per frame.
+      chokepoints: int64 [K], strictly increasing allowed numbers of frozen layers, each
+        in [0, L). ``chokepoints[0]`` is usually 0 (nothing shared).
+      layer_bytes: float64 [L] parameter bytes per layer, or None when unknown (then no
+        memory budget can be used).
+      layer_names: optional names, for reports.
+    """
+
+    name: str
+    layer_costs: np.ndarray
+    chokepoints: np.ndarray
+    layer_bytes: np.ndarray | None = None
+    layer_names: tuple[str, ...] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layer_costs.shape[0])
+
+    @property
+    def total_cost(self) -> float:
+        """Cost of one frame through the whole network."""
+        return float(self.layer_costs.sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AppProfile:
+    """One application: its curves over the chokepoints and its event parameters.
+
+    Attributes:
+      name: unique within a problem.
+      accuracy: float64 [K], per-frame hit probability on event frames at each
+        chokepoint of the network (aligned with ``BaseNetwork.chokepoints``).
+      false_positive_rate: float64 [K], per-frame false-hit probability on non-event
+        frames.
+      event_length_ms: L, event length in milliseconds (> 0).
+      event_frequency: f, share of time in events, in (0, 1].
+      correlation: c, correlation of consecutive misses, in [0, 1].
+      weight: weight of this app in the mean objectives (> 0).
+      x_vote: consecutive positive samples needed to fire (>= 1; 1 = the paper).
+      app_type: the shipped profile this app was built from, if any.
+    """
+
+    name: str
+    accuracy: np.ndarray
+    false_positive_rate: np.ndarray
+    event_length_ms: float
+    event_frequency: float
+    correlation: float
+    weight: float = 1.0
+    x_vote: int = 1
+    app_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """A planning problem. Build with :func:`make_problem` (validates) or load a file."""
+
+    apps: tuple[AppProfile, ...]
+    network: BaseNetwork
+    budget: float
+    stream_fps: int = 10
+    memory_budget_bytes: float | None = None
+    objective: str = "f1"
+    event_model: str = "faithful"
+
+    @property
+    def num_apps(self) -> int:
+        return len(self.apps)
+
+    def with_budget(self, budget: float) -> Problem:
+        """The same problem under another compute budget (validated)."""
+        _check_budget(budget)
+        return dataclasses.replace(self, budget=float(budget))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProfileLibrary:
+    """A profile directory: the base network, app types and the scenario generator."""
+
+    network: BaseNetwork
+    app_types: Mapping[str, AppProfile]
+    scenario_generator: Mapping[str, Any]
+    source: str
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _fail(what: str, msg: str) -> ValueError:
+    return ValueError(f"{what}: {msg}")
+
+
+def _as_finite_array(values: Any, what: str, dtype=np.float64) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise _fail(what, f"expected a list of numbers, got {values!r}") from e
+    if arr.ndim != 1:
+        raise _fail(what, f"expected a flat list of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise _fail(what, f"entry {bad} is {arr[bad]}; every value must be finite")
+    return arr
+
+
+def _check_probabilities(arr: np.ndarray, what: str, labels: Sequence[Any]) -> None:
+    bad = np.flatnonzero((arr < 0.0) | (arr > 1.0))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(what, f"{arr[i]} at num_frozen={labels[i]} is outside [0, 1]")
+
+
+def _check_scalar(value: Any, what: str, low: float, high: float, *, low_open=False):
+    try:
+        x = float(value)
+    except (TypeError, ValueError) as e:
+        raise _fail(what, f"expected a number, got {value!r}") from e
+    if not math.isfinite(x):
+        raise _fail(what, f"{x} is not finite")
+    too_low = x <= low if low_open else x < low
+    if too_low or x > high:
+        lo = "(" if low_open else "["
+        raise _fail(what, f"{x} is outside {lo}{low}, {high}]")
+    return x
+
+
+def _check_budget(budget: Any) -> float:
+    return _check_scalar(budget, "budget", 0.0, math.inf, low_open=True)
+
+
+def make_network(
+    layer_costs: Any,
+    chokepoints: Any,
+    *,
+    layer_bytes: Any = None,
+    layer_names: Sequence[str] | None = None,
+    name: str = "network",
+) -> BaseNetwork:
+    """Validates and builds a :class:`BaseNetwork`."""
+    costs = _as_finite_array(layer_costs, f"network {name!r}: layer_costs")
+    if costs.size == 0:
+        raise _fail(f"network {name!r}: layer_costs", "needs at least one layer")
+    if np.any(costs < 0):
+        i = int(np.flatnonzero(costs < 0)[0])
+        raise _fail(f"network {name!r}: layer_costs", f"layer {i} has negative cost {costs[i]}")
+    cps = _as_finite_array(chokepoints, f"network {name!r}: chokepoints")
+    if cps.size == 0 or np.any(cps != np.round(cps)):
+        raise _fail(f"network {name!r}: chokepoints", "need a non-empty list of integers")
+    cps = cps.astype(np.int64)
+    if np.any(np.diff(cps) <= 0):
+        raise _fail(f"network {name!r}: chokepoints", f"must strictly increase, got {cps}")
+    if cps[0] < 0 or cps[-1] >= costs.size:
+        raise _fail(
+            f"network {name!r}: chokepoints",
+            f"must lie in [0, {costs.size - 1}] (the network has {costs.size} layers)",
+        )
+    nbytes = None
+    if layer_bytes is not None:
+        nbytes = _as_finite_array(layer_bytes, f"network {name!r}: layer_bytes")
+        if nbytes.shape != costs.shape:
+            raise _fail(
+                f"network {name!r}: layer_bytes",
+                f"has {nbytes.size} entries but the network has {costs.size} layers",
+            )
+        if np.any(nbytes < 0):
+            i = int(np.flatnonzero(nbytes < 0)[0])
+            raise _fail(f"network {name!r}: layer_bytes", f"layer {i} is negative")
+    names = None
+    if layer_names is not None:
+        names = tuple(str(n) for n in layer_names)
+        if len(names) != costs.size:
+            raise _fail(f"network {name!r}: layer_names", "must name every layer")
+    return BaseNetwork(
+        name=name, layer_costs=costs, chokepoints=cps, layer_bytes=nbytes, layer_names=names
+    )
+
+
+def monotone_accuracy(accuracy: np.ndarray, false_positive_rate: np.ndarray):
+    """The original's clean-up: accuracy made non-increasing in num_frozen.
+
+    Walking from the largest chokepoint down, an accuracy lower than the next larger
+    chokepoint's (already cleaned) accuracy is replaced by it, and its false-positive
+    rate with it. Returns new (accuracy, false_positive_rate) arrays.
+    """
+    acc = np.array(accuracy, dtype=np.float64, copy=True)
+    fpr = np.array(false_positive_rate, dtype=np.float64, copy=True)
+    for i in range(acc.size - 2, -1, -1):
+        if acc[i] < acc[i + 1]:
+            acc[i] = acc[i + 1]
+            fpr[i] = fpr[i + 1]
+    return acc, fpr
+
+
+def make_app(
+    name: str,
+    network: BaseNetwork,
+    *,
+    num_frozen: Any,
+    accuracy: Any,
+    false_positive_rate: Any,
+    event_length_ms: Any,
+    event_frequency: Any,
+    correlation: Any,
+    weight: Any = 1.0,
+    x_vote: Any = 1,
+    app_type: str | None = None,
+    clean: bool = True,
+) -> AppProfile:
+    """Validates one app against the network and builds an :class:`AppProfile`.
+
+    ``num_frozen`` lists the chokepoints the curves are given at; it must cover every
+    chokepoint of the network exactly once (order free). With ``clean`` (default) the
+    accuracy curve is made non-increasing as in the original.
+    """
+    what = f"app {name!r}"
+    nf = _as_finite_array(num_frozen, f"{what}: num_frozen")
+    acc = _as_finite_array(accuracy, f"{what}: accuracy")
+    fpr = _as_finite_array(false_positive_rate, f"{what}: false_positive_rate")
+    if not (nf.size == acc.size == fpr.size):
+        raise _fail(
+            what,
+            f"num_frozen, accuracy and false_positive_rate have different lengths "
+            f"({nf.size}, {acc.size}, {fpr.size})",
+        )
+    if np.any(nf != np.round(nf)):
+        raise _fail(f"{what}: num_frozen", "must be integers")
+    nf = nf.astype(np.int64)
+    if np.unique(nf).size != nf.size:
+        raise _fail(f"{what}: num_frozen", f"has duplicates: {sorted(nf.tolist())}")
+    chokepoints = network.chokepoints
+    missing = sorted(set(chokepoints.tolist()) - set(nf.tolist()))
+    if missing:
+        raise _fail(
+            what,
+            f"missing chokepoints {missing}: give accuracy and false_positive_rate at every "
+            f"chokepoint of the network ({chokepoints.tolist()})",
+        )
+    extra = sorted(set(nf.tolist()) - set(chokepoints.tolist()))
+    if extra:
+        raise _fail(
+            what,
+            f"num_frozen {extra} are not chokepoints of the network "
+            f"({chokepoints.tolist()}); remove them or add them to the chokepoints",
+        )
+    order = np.argsort(nf)
+    acc, fpr = acc[order], fpr[order]
+    _check_probabilities(acc, f"{what}: accuracy", chokepoints.tolist())
+    _check_probabilities(fpr, f"{what}: false_positive_rate", chokepoints.tolist())
+    if clean:
+        acc, fpr = monotone_accuracy(acc, fpr)
+    length = _check_scalar(event_length_ms, f"{what}: event_length_ms", 0.0, math.inf,
+                           low_open=True)
+    freq = _check_scalar(event_frequency, f"{what}: event_frequency", 0.0, 1.0, low_open=True)
+    corr = _check_scalar(correlation, f"{what}: correlation", 0.0, 1.0)
+    w = _check_scalar(weight, f"{what}: weight", 0.0, math.inf, low_open=True)
+    x_vote = _check_x_vote(x_vote, what)
+    return AppProfile(
+        name=str(name),
+        accuracy=acc,
+        false_positive_rate=fpr,
+        event_length_ms=length,
+        event_frequency=freq,
+        correlation=corr,
+        weight=w,
+        x_vote=x_vote,
+        app_type=app_type,
+    )
+
+
+def with_params(app: AppProfile, **params: Any) -> AppProfile:
+    """A copy of ``app`` with some event parameters replaced (validated)."""
+    allowed = {"name", "event_length_ms", "event_frequency", "correlation", "weight",
+               "x_vote"}
+    unknown = set(params) - allowed
+    if unknown:
+        raise _fail(f"app {app.name!r}", f"unknown fields {sorted(unknown)}; "
+                    f"known: {sorted(allowed)}")
+    merged = {
+        "event_length_ms": app.event_length_ms,
+        "event_frequency": app.event_frequency,
+        "correlation": app.correlation,
+        "weight": app.weight,
+        "x_vote": app.x_vote,
+        **params,
+    }
+    name = merged.pop("name", app.name)
+    what = f"app {name!r}"
+    return dataclasses.replace(
+        app,
+        name=str(name),
+        event_length_ms=_check_scalar(merged["event_length_ms"], f"{what}: event_length_ms",
+                                      0.0, math.inf, low_open=True),
+        event_frequency=_check_scalar(merged["event_frequency"], f"{what}: event_frequency",
+                                      0.0, 1.0, low_open=True),
+        correlation=_check_scalar(merged["correlation"], f"{what}: correlation", 0.0, 1.0),
+        weight=_check_scalar(merged["weight"], f"{what}: weight", 0.0, math.inf,
+                             low_open=True),
+        x_vote=_check_x_vote(merged["x_vote"], what),
+    )
+
+
+def _check_x_vote(x_vote: Any, what: str) -> int:
+    if isinstance(x_vote, bool) or not isinstance(x_vote, (int, np.integer, float)) or (
+        float(x_vote) != int(x_vote) or int(x_vote) < 1
+    ):
+        raise _fail(f"{what}: x_vote", f"must be an integer >= 1, got {x_vote!r}")
+    return int(x_vote)
+
+
+def make_problem(
+    apps: Sequence[AppProfile],
+    network: BaseNetwork,
+    budget: Any,
+    *,
+    stream_fps: Any = 10,
+    memory_budget_bytes: Any = None,
+    objective: str = "f1",
+    event_model: str = "faithful",
+) -> Problem:
+    """Validates and builds a :class:`Problem`."""
+    apps = tuple(apps)
+    if not apps:
+        raise _fail("apps", "a problem needs at least one app")
+    names = [a.name for a in apps]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _fail("apps", f"app names must be unique; repeated: {dupes}")
+    k = network.chokepoints.size
+    for a in apps:
+        if a.accuracy.shape != (k,) or a.false_positive_rate.shape != (k,):
+            raise _fail(f"app {a.name!r}", f"curves must have one value per chokepoint ({k})")
+    budget = _check_budget(budget)
+    if isinstance(stream_fps, bool) or float(stream_fps) != int(float(stream_fps)) or (
+        int(float(stream_fps)) < 1
+    ):
+        raise _fail("stream_fps", f"must be an integer >= 1, got {stream_fps!r}")
+    mem = None
+    if memory_budget_bytes is not None:
+        mem = _check_scalar(memory_budget_bytes, "memory_budget", 0.0, math.inf, low_open=True)
+        if network.layer_bytes is None:
+            raise _fail(
+                "memory_budget",
+                f"network {network.name!r} has no layer_bytes; give per-layer parameter bytes "
+                "or drop the memory budget",
+            )
+    if objective not in OBJECTIVES:
+        raise _fail("objective", f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if event_model not in EVENT_MODELS:
+        raise _fail(
+            "event_model", f"unknown event model {event_model!r}; choose one of {EVENT_MODELS}"
+        )
+    if objective == "maxmin_f1" and len({a.weight for a in apps}) > 1:
+        raise _fail("objective", "per-app weights are not defined for 'maxmin_f1'; drop them")
+    return Problem(
+        apps=apps,
+        network=network,
+        budget=budget,
+        stream_fps=int(float(stream_fps)),
+        memory_budget_bytes=mem,
+        objective=objective,
+        event_model=event_model,
+    )
+
+
+# ----------------------------------------------------------------------- file formats
+
+
+def _read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], key: str, path: str) -> list[str]:
+    if not rows:
+        raise _fail(path, "has no data rows")
+    if key not in rows[0]:
+        raise _fail(path, f"has no column {key!r} (columns: {list(rows[0])})")
+    return [r[key] for r in rows]
+
+
+def load_profile_dir(directory: str, *, clean: bool = True) -> ProfileLibrary:
+    """Loads a profile directory in the shipped CSV/JSON format.
+
+    ``profile.json`` names the chokepoints, the app types (accuracy file and event
+    parameters) and the scenario generator; ``layer_costs.csv`` has a ``relative_cost``
+    column; the optional ``layer_params.csv`` a ``param_bytes`` column.
+    """
+    meta_path = os.path.join(directory, "profile.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise _fail(directory, "no profile.json here; is this a profile directory?") from e
+    cost_path = os.path.join(directory, "layer_costs.csv")
+    cost_rows = _read_csv(cost_path)
+    costs = [float(x) for x in _column(cost_rows, "relative_cost", cost_path)]
+    names = _column(cost_rows, "layer_name", cost_path)
+    param_path = os.path.join(directory, "layer_params.csv")
+    layer_bytes = None
+    if os.path.exists(param_path):
+        param_rows = _read_csv(param_path)
+        layer_bytes = [float(x) for x in _column(param_rows, "param_bytes", param_path)]
+    if "chokepoints" not in meta:
+        raise _fail(meta_path, "missing field 'chokepoints'")
+    network = make_network(
+        costs,
+        meta["chokepoints"],
+        layer_bytes=layer_bytes,
+        layer_names=names,
+        name=str(meta.get("model", os.path.basename(directory.rstrip("/")))),
+    )
+    app_types: dict[str, AppProfile] = {}
+    for app_name, spec in meta.get("apps", {}).items():
+        what = f"app {app_name!r}"
+        for field in ("accuracy_file", "event_length_ms", "event_frequency",
+                      "correlation_coefficient"):
+            if field not in spec:
+                raise _fail(what, f"missing field {field!r} in {meta_path}")
+        acc_path = os.path.join(directory, spec["accuracy_file"])
+        rows = _read_csv(acc_path)
+        app_types[app_name] = make_app(
+            app_name,
+            network,
+            num_frozen=[float(x) for x in _column(rows, "num_frozen", acc_path)],
+            accuracy=[float(x) for x in _column(rows, "accuracy", acc_path)],
+            false_positive_rate=[
+                float(x) for x in _column(rows, "false_positive_rate", acc_path)
+            ],
+            event_length_ms=spec["event_length_ms"],
+            event_frequency=spec["event_frequency"],
+            correlation=spec["correlation_coefficient"],
+            app_type=app_name,
+            clean=clean,
+        )
+    if not app_types:
+        raise _fail(meta_path, "lists no apps")
+    return ProfileLibrary(
+        network=network,
+        app_types=app_types,
+        scenario_generator=dict(meta.get("scenario_generator", {})),
+        source=directory,
+    )
+
+
+def mobilenet_dir() -> str:
+    """Path of the shipped MobileNet-224 profile directory (package data)."""
+    return str(resources.files("mainstream_jax") / "data" / "mainstream_mobilenet")
+
+
+_MOBILENET_CACHE: dict[bool, ProfileLibrary] = {}
+
+
+def load_mobilenet(*, clean: bool = True) -> ProfileLibrary:
+    """The shipped nine MobileNet-224 app profiles (cached; objects are immutable)."""
+    if clean not in _MOBILENET_CACHE:
+        _MOBILENET_CACHE[clean] = load_profile_dir(mobilenet_dir(), clean=clean)
+    return _MOBILENET_CACHE[clean]
+
+
+def mobilenet_v1_param_counts(num_classes: int = 2, head_width: int = 1024) -> list[tuple]:
+    """Per-layer parameter counts of the profiled network (Keras layer indexing).
+
+    Keras MobileNet v1 (alpha 1.0, no top) followed by the original fine-tuning head:
+    global average pooling, Dense(``head_width``), Dense(``num_classes``). Batch-norm
+    layers hold 4 vectors (gamma, beta, moving mean and variance), all needed for
+    inference. Returns (layer_name, count) pairs; ``layer_params.csv`` is this times 4
+    bytes (float32).
+    """
+    layers: list[tuple[str, int]] = [("input_1", 0), ("conv1", 3 * 3 * 3 * 32),
+                                     ("conv1_bn", 4 * 32), ("conv1_relu", 0)]
+    widths = [64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+    c_in = 32
+    for i, c_out in enumerate(widths, start=1):
+        layers += [
+            (f"conv_dw_{i}", 3 * 3 * c_in),
+            (f"conv_dw_{i}_bn", 4 * c_in),
+            (f"conv_dw_{i}_relu", 0),
+            (f"conv_pw_{i}", c_in * c_out),
+            (f"conv_pw_{i}_bn", 4 * c_out),
+            (f"conv_pw_{i}_relu", 0),
+        ]
+        c_in = c_out
+    layers += [
+        ("global_average_pooling2d_1", 0),
+        ("dense_1", c_in * head_width + head_width),
+        ("dense_2", head_width * num_classes + num_classes),
+    ]
+    return layers
+
+
+def _problem_from_dict(spec: Mapping[str, Any], *, budget: Any = None) -> Problem:
+    if not isinstance(spec, Mapping):
+        raise _fail("problem", "the problem file must hold one JSON object")
+    known = {"budget", "stream_fps", "memory_budget_mib", "objective", "event_model",
+             "network", "apps", "description"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise _fail("problem", f"unknown fields {unknown}; known: {sorted(known)}")
+    library = None
+    net_spec = spec.get("network", "mobilenet")
+    if net_spec == "mobilenet":
+        library = load_mobilenet()
+        network = library.network
+    elif isinstance(net_spec, Mapping):
+        for field in ("layer_costs", "chokepoints"):
+            if field not in net_spec:
+                raise _fail("network", f"missing field {field!r}")
+        network = make_network(
+            net_spec["layer_costs"],
+            net_spec["chokepoints"],
+            layer_bytes=net_spec.get("layer_bytes"),
+            layer_names=net_spec.get("layer_names"),
+            name=str(net_spec.get("name", "network")),
+        )
+    else:
+        raise _fail("network", f"expected 'mobilenet' or an object, got {net_spec!r}")
+    apps_spec = spec.get("apps")
+    if not isinstance(apps_spec, list) or not apps_spec:
+        raise _fail("apps", "give a non-empty list of apps")
+    apps = []
+    app_fields = {"name", "profile", "curves", "event_length_ms", "event_frequency",
+                  "correlation", "weight", "x_vote"}
+    for i, a in enumerate(apps_spec):
+        if not isinstance(a, Mapping):
+            raise _fail(f"apps[{i}]", "each app must be an object")
+        name = a.get("name", a.get("profile", f"app{i}"))
+        what = f"app {name!r}"
+        unknown = sorted(set(a) - app_fields)
+        if unknown:
+            raise _fail(what, f"unknown fields {unknown}; known: {sorted(app_fields)}")
+        if ("profile" in a) == ("curves" in a):
+            raise _fail(what, "give exactly one of 'profile' (a shipped app type) or 'curves'")
+        if "profile" in a:
+            if library is None:
+                raise _fail(what, "'profile' needs the shipped network (\"network\": "
+                            "\"mobilenet\"); give 'curves' for a custom network")
+            if a["profile"] not in library.app_types:
+                raise _fail(f"{what}: profile", f"unknown app type {a['profile']!r}; "
+                            f"shipped: {sorted(library.app_types)}")
+            base = library.app_types[a["profile"]]
+            params = {k: a[k] for k in ("event_length_ms", "event_frequency", "correlation",
+                                        "weight", "x_vote") if k in a}
+            apps.append(with_params(base, name=name, **params))
+        else:
+            curves = a["curves"]
+            if not isinstance(curves, Mapping):
+                raise _fail(f"{what}: curves", "must be an object with num_frozen, accuracy "
+                            "and false_positive_rate lists")
+            for field in ("num_frozen", "accuracy", "false_positive_rate",):
+                if field not in curves:
+                    raise _fail(f"{what}: curves", f"missing field {field!r}")
+            for field in ("event_length_ms", "event_frequency", "correlation"):
+                if field not in a:
+                    raise _fail(what, f"missing field {field!r}")
+            apps.append(make_app(
+                name, network,
+                num_frozen=curves["num_frozen"], accuracy=curves["accuracy"],
+                false_positive_rate=curves["false_positive_rate"],
+                event_length_ms=a["event_length_ms"], event_frequency=a["event_frequency"],
+                correlation=a["correlation"], weight=a.get("weight", 1.0),
+                x_vote=a.get("x_vote", 1)))
+    if budget is None:
+        if "budget" not in spec:
+            raise _fail("budget", "the problem file has no 'budget'; add one or pass --budget")
+        budget = spec["budget"]
+    mem = spec.get("memory_budget_mib")
+    if mem is not None:
+        mem = _check_scalar(mem, "memory_budget_mib", 0.0, math.inf, low_open=True) * MIB
+    return make_problem(
+        apps, network, budget,
+        stream_fps=spec.get("stream_fps", 10),
+        memory_budget_bytes=mem,
+        objective=spec.get("objective", "f1"),
+        event_model=spec.get("event_model", "faithful"),
+    )
+
+
+def problem_from_dict(spec: Mapping[str, Any], *, budget: Any = None) -> Problem:
+    """Builds a problem from a parsed problem file (see :data:`PROBLEM_FILE_DOC`).
+
+    ``budget``, when given, overrides the file's budget.
+    """
+    return _problem_from_dict(spec, budget=budget)
+
+
+def load_problem(path: str, *, budget: Any = None) -> Problem:
+    """Loads and validates a JSON problem file (see :data:`PROBLEM_FILE_DOC`)."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError as e:
+        raise _fail(path, "no such problem file") from e
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"not valid JSON ({e})") from e
+    return problem_from_dict(spec, budget=budget)
