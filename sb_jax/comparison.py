@@ -57,18 +57,34 @@ def compare(runs: Mapping[str, Sequence[Sequence[dict]]], baseline: str = "tradi
 
 
 def plot_runs(runs: Mapping[str, Sequence[Sequence[dict]]], out_dir: str, title: str) -> list[str]:
-    """Plots test error against wall-clock time and against backpropagated examples,
-    one curve per (variant, seed); returns the PNG paths."""
+    """Plots test error against wall-clock time and against backpropagated examples:
+    one colour per variant, one line style per seed. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10")
+    styles = ("-", "--", ":", "-.")
     paths = []
     for key, label, fname in (
         ("wall_s", "training wall-clock time (s)", "error_vs_time.png"),
         ("examples_backward", "backpropagated examples", "error_vs_backprops.png"),
     ):
-        curves = {}
-        for name, seeds in runs.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        for v, (name, seeds) in enumerate(runs.items()):
             for i, records in enumerate(seeds):
-                curves[f"{name} s{i}"] = [(r[key], r["test_error"]) for r in records]
+                ax.plot([r[key] for r in records], [r["test_error"] for r in records],
+                        color=colours(v % 10), linestyle=styles[i % len(styles)], marker="o",
+                        markersize=2.5, label=name if i == 0 else None)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{title} (line style = seed)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
         path = os.path.join(out_dir, fname)
-        metrics_io.plot_error_curves(curves, path, xlabel=label, title=title)
+        fig.savefig(path)
+        plt.close(fig)
         paths.append(path)
     return paths
