@@ -301,8 +301,11 @@ def make_step_fns(
                 f"policy {policy.name!r} needs a held-out gradient: give DeviceData "
                 "heldout_images/heldout_labels and TrainState.heldout_grad (zeros [D + 1, K])"
             )
-        # The state's step is unchanged by a no-op dispatch, so a repeat is idempotent.
-        due = state.step % heldout_every == 0
+        # Refreshes happen at steps 0, every, 2 * every, ...; a dispatch that trains nothing
+        # (end of epoch, the host's extra dispatch) must not redo the refresh of its step,
+        # so count the refreshes done so far from the held-out examples already scored.
+        refreshes_done = state.counters.examples_heldout // heldout_size
+        due = (state.step % heldout_every == 0) & (refreshes_done <= state.step // heldout_every)
         grad = jax.lax.cond(
             due, lambda: heldout_gradient(state, data).astype(state.heldout_grad.dtype),
             lambda: state.heldout_grad,

@@ -244,9 +244,9 @@ def test_heldout_gradient_refreshes_on_schedule_with_sliding_window():
     valid = jnp.ones((16, 4), bool)
     params_by_step = {}
     grads_by_step = {}
-    refreshes = 0
+    steps_seen = set()
     for _ in range(12):
-        refreshes += int(state.step) % 2 == 0
+        steps_seen.add(int(state.step))
         params_by_step.setdefault(int(state.step), state.params)
         state, _ = fns.train_dispatch(state, data, ids, valid, jnp.int32(0))
         # The gradient a dispatch used is the one refreshed at its start.
@@ -262,7 +262,13 @@ def test_heldout_gradient_refreshes_on_schedule_with_sliding_window():
     assert int(state.policy_state.num_updates) > 0
     c = state.counters
     assert int(c.examples_scored) == int(c.examples_seen)  # prime_epochs=0: all scored.
-    assert int(c.examples_heldout) == 4 * refreshes
+    # One refresh per step that is a multiple of 2, however many dispatches saw that step
+    # (dispatches that train nothing, at the end of the epoch, must not repeat it).
+    assert int(c.examples_heldout) == 4 * len({s for s in steps_seen if s % 2 == 0})
+    again, _ = fns.train_dispatch(state, data, ids, valid, jnp.int32(0))
+    again, _ = fns.train_dispatch(again, data, ids, valid, jnp.int32(0))
+    assert int(again.step) == int(state.step)  # the epoch's chunks are used up
+    assert int(again.counters.examples_heldout) == int(c.examples_heldout)
 
 
 def test_adapt_sb_dispatch_traced_once():
@@ -303,3 +309,16 @@ def test_noisy_selected_counts_selected_mislabeled_examples():
     expected = int(np.sum(noisy[np.concatenate(first_two)]))
     assert 0 < expected < 3  # The selection, not the ids alone, decides the count.
     assert int(new.counters.noisy_selected) == expected
+
+
+def test_dispatches_that_train_nothing_do_not_repeat_the_heldout_refresh():
+    data, _, _ = adapt_data(32, num_heldout=8)
+    fns, state = build_adapt(32, batch_size=4, heldout_size=4, heldout_every=1)
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(8, 4)
+    valid = jnp.ones((8, 4), bool)
+    state, _ = run_epoch(fns, state, data, ids, valid, 0)
+    for _ in range(2):  # the host's extra dispatch after the epoch, and one more
+        state, done = fns.train_dispatch(state, data, ids, valid, jnp.int32(0))
+        assert bool(done)
+    # Every step from 0 to the last is refreshed exactly once (heldout_every=1).
+    assert int(state.counters.examples_heldout) == 4 * (int(state.step) + 1)
