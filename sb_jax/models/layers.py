@@ -117,3 +117,9 @@ def check_common(model_name: str, num_classes: Any, dropout: Any = 0.0) -> None:
 def is_positive_int(value: Any) -> bool:
     """True for an integer >= 1 (numpy integers included, bools excluded)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def check_width_multiplier(model_name: str, width: Any) -> None:
+    """Raises ValueError unless ``width`` (a channel multiplier) is a positive real number."""
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not width > 0:
+        raise ValueError(f"{model_name}: width must be a positive number, got {width!r}.")

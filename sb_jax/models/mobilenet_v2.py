@@ -13,8 +13,6 @@ the paper's reference implementation; the 1280 is never scaled below 1x.
 
 from __future__ import annotations
 
-import numbers
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,12 +86,7 @@ class MobileNetV2(nn.Module):
     def __post_init__(self):
         name = type(self).__name__
         layers.check_common(name, self.num_classes, self.dropout)
-        if (
-            isinstance(self.width, bool)
-            or not isinstance(self.width, numbers.Real)
-            or not self.width > 0
-        ):
-            raise ValueError(f"{name}: width must be a positive number, got {self.width!r}.")
+        layers.check_width_multiplier(name, self.width)
         super().__post_init__()
 
     @nn.compact

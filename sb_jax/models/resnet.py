@@ -6,8 +6,6 @@ CIFAR changes from the ImageNet model: a 3x3 stride-1 stem conv and no max pool,
 
 from __future__ import annotations
 
-import numbers
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,12 +51,7 @@ class ResNet18(nn.Module):
     def __post_init__(self):
         name = type(self).__name__
         layers.check_common(name, self.num_classes)
-        if (
-            isinstance(self.width, bool)
-            or not isinstance(self.width, numbers.Real)
-            or not self.width > 0
-        ):
-            raise ValueError(f"{name}: width must be a positive number, got {self.width!r}.")
+        layers.check_width_multiplier(name, self.width)
         super().__post_init__()
 
     def channels(self, base: int) -> int:
