@@ -46,13 +46,27 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, int, dict[str, Any]] | None:
-        """(state, epoch, extra) of the newest checkpoint, or None if there is none."""
+    def restore_latest(
+        self, abstract_state: Any, shardings: Any = None
+    ) -> tuple[Any, int, dict[str, Any]] | None:
+        """(state, epoch, extra) of the newest checkpoint, or None if there is none.
+
+        ``shardings`` (a tree of ``jax.sharding.Sharding`` like ``abstract_state``) places
+        the restored arrays; it need not match the layout the checkpoint was written
+        with, so a run saved on D devices resumes on D' (orbax reads each device's slice).
+        Without it every array lands on the default device.
+        """
         epoch = self._manager.latest_step()
         if epoch is None:
             return None
         path = os.path.join(self.directory, str(epoch))
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract_state)
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_state, shardings,
+        )
         try:
             restored = self._manager.restore(
                 epoch,

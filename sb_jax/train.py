@@ -7,11 +7,12 @@ and checkpoints. Everything numeric happens in the jitted steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sb_jax import checkpointing, config_lib, irreducible_loss, metrics_io, schedules, steps
+from sb_jax import (
+    checkpointing,
+    config_lib,
+    irreducible_loss,
+    metrics_io,
+    parallel,
+    schedules,
+    steps,
+)
 from sb_jax.data import device as data_device
 from sb_jax.data import load_dataset
 from sb_jax.models import create_model
@@ -47,7 +56,7 @@ def _eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int):
 
 
 def _device_counters(state: steps.TrainState) -> dict[str, Any]:
-    c = jax.device_get(state.counters)
+    c = parallel.to_host(state.counters)
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in c._asdict().items()}
 
 
@@ -62,8 +71,11 @@ def _check_finite(state: steps.TrainState, epoch: int) -> None:
         )
 
 
-def build_run(config: ml_collections.ConfigDict):
-    """Everything a run needs that is a pure function of the config (no state, no I/O)."""
+def build_run(config: ml_collections.ConfigDict, num_shards: int = 1):
+    """Everything a run needs that is a pure function of the config (no state, no I/O).
+
+    ``num_shards > 1`` (per-shard selection): the policy is one device's (batches / D).
+    """
     dataset = load_dataset(
         config.dataset,
         config.data_dir or None,
@@ -74,7 +86,7 @@ def build_run(config: ml_collections.ConfigDict):
         train_subset=config.train_subset or None,
     )
     model = create_model(config.model, dataset.num_classes, **config_lib.model_kwargs(config))
-    policy = config_lib.make_policy_from_config(config)
+    policy = config_lib.make_policy_from_config(config, num_shards)
     tx = steps.make_optimizer(config.momentum, config.nesterov, config.weight_decay)
     lr_schedule = schedules.make_epoch_schedule(
         config.lr_schedule,
@@ -87,7 +99,11 @@ def build_run(config: ml_collections.ConfigDict):
     return dataset, model, policy, tx, lr_schedule
 
 
-def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.TrainState:
+def init_state(config, dataset, model, policy, tx, key: jax.Array,
+               num_shards: int = 1) -> steps.TrainState:
+    """The initial TrainState. ``num_shards > 1``: per-shard selection, so the policy
+    state, queue and cursor get a leading device axis (shard d's policy covers its
+    ``ceil(N / D)`` ids, with its own key)."""
     init_key, dropout_key, policy_key = jax.random.split(key, 3)
     sample = jnp.zeros((1,) + dataset.train_images.shape[1:], jnp.float32)
     variables = model.init({"params": init_key, "dropout": dropout_key}, sample, train=False)
@@ -97,17 +113,51 @@ def init_state(config, dataset, model, policy, tx, key: jax.Array) -> steps.Trai
     if policy.needs_heldout_grad:
         feature_dim, num_classes = params["head"]["kernel"].shape
         heldout_grad = jnp.zeros((feature_dim + 1, num_classes), jnp.float32)
+    if num_shards == 1:
+        policy_state = policy.init(dataset.num_train, policy_key)
+        queue = queue_lib.queue_for(config.batch_size, policy.max_selected)
+        cursor = jnp.zeros((), jnp.int32)
+    else:
+        num_local = parallel.padded_size(dataset.num_train, num_shards) // num_shards
+        keys = jax.random.split(policy_key, num_shards)
+        policy_state = jax.vmap(lambda k: policy.init(num_local, k))(keys)
+        queue = jax.tree.map(
+            lambda leaf: jnp.broadcast_to(leaf, (num_shards,) + leaf.shape),
+            queue_lib.queue_for(config.batch_size // num_shards, policy.max_selected),
+        )
+        cursor = jnp.zeros((num_shards,), jnp.int32)
     return steps.TrainState(
         step=jnp.zeros((), jnp.int32),
-        cursor=jnp.zeros((), jnp.int32),
+        cursor=cursor,
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
-        policy_state=policy.init(dataset.num_train, policy_key),
-        queue=queue_lib.queue_for(config.batch_size, policy.max_selected),
+        policy_state=policy_state,
+        queue=queue,
         counters=steps.counters_init(),
         heldout_grad=heldout_grad,
     )
+
+
+def set_irreducible_loss(policy, policy_state, losses: np.ndarray, num_shards: int = 1):
+    """Hands RHO-LOSS its irreducible losses (split by shard under per-shard selection)."""
+    if num_shards == 1:
+        return policy.set_irreducible_loss(policy_state, losses)
+    padded = parallel.pad_rows(np.asarray(losses, np.float32),
+                               parallel.padded_size(len(losses), num_shards))
+    return jax.vmap(policy.set_irreducible_loss)(policy_state,
+                                                 padded.reshape(num_shards, -1))
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    """The device mesh of this run, or None for the single-device program."""
+    if config.num_devices == 1 and jax.process_count() == 1:
+        return None
+    mesh = parallel.make_mesh(config.num_devices)
+    if mesh.devices.size == 1:
+        return None
+    config_lib.validate_parallel(config, mesh.devices.size)
+    return mesh
 
 
 def train_irreducible_loss(config, dataset, key: jax.Array) -> tuple[np.ndarray, float]:
@@ -127,32 +177,68 @@ def train_irreducible_loss(config, dataset, key: jax.Array) -> tuple[np.ndarray,
         batch_size=config.batch_size,
         learning_rate=config.rho_learning_rate,
         momentum=config.momentum,
-        weight_decay=config.weight_decay,
+        weight_decay=config.rho_weight_decay,
         eval_batch_size=config.eval_batch_size,
+        lr_schedule=config.rho_lr_schedule,
+        flip=config.flip,
     )
     return losses, time.perf_counter() - t0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains per ``config``, writing metrics, checkpoints and plots to ``workdir``.
+class Run(NamedTuple):
+    """What a training run is built from: a pure function of the config and the devices."""
 
-    Re-running the same command on the same ``workdir`` resumes from the last checkpoint
-    and ends with the same metrics as an uninterrupted run. Returns the summary dict.
-    """
-    config_lib.validate_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.check_resumable(config, workdir)
+    mesh: Any  # jax.sharding.Mesh, or None for the single-device program
+    num_devices: int
+    num_shards: int  # D under per-shard selection, else 1
+    dataset: Any
+    model: Any
+    policy: Any  # one device's policy under per-shard selection
+    tx: Any
+    lr_schedule: Any
+    fns: steps.StepFns
+    data: steps.DeviceData
+    test_arrays: Any
+    val_arrays: Any
+    abstract_state: Any
+    shardings: Any  # of the TrainState on the mesh, or None
+    fresh_state: Any  # () -> the initial TrainState
+    init_key: Any
+    data_key: Any
 
-    dataset, model, policy, tx, lr_schedule = build_run(config)
+
+def setup_run(config: ml_collections.ConfigDict) -> Run:
+    """Builds the data, model, policy, jitted steps and state layout of a run (no files)."""
+    mesh = make_mesh(config)
+    num_devices = 1 if mesh is None else mesh.devices.size
+    per_shard = mesh is not None and config.selection_scope == "per_shard"
+    num_shards = num_devices if per_shard else 1
+    dataset, model, policy, tx, lr_schedule = build_run(config, num_shards)
     root = jax.random.PRNGKey(config.seed)
     init_key, data_key, aug_key, dropout_key = jax.random.split(root, 4)
+    if mesh is not None:
+        # Host copies: closed over by multi-device jits, where a single-device array
+        # cannot go on many hosts.
+        init_key, aug_key, dropout_key = (np.asarray(k) for k in (init_key, aug_key,
+                                                                   dropout_key))
     logging.info(
         "dataset %s: %d train (%d noisy), %d test, %d val, %d classes, image %s",
         dataset.name, dataset.num_train, int(dataset.noisy.sum()), len(dataset.test_labels),
         len(dataset.val_labels), dataset.num_classes, dataset.image_shape,
     )
+    if mesh is not None:
+        logging.info("data parallel over %d devices (%d processes), %s selection",
+                     num_devices, jax.process_count(), config.selection_scope)
 
+    fresh_fn = functools.partial(init_state, config, dataset, model, policy, tx,
+                                 num_shards=num_shards)
+    abstract_state = jax.eval_shape(fresh_fn, init_key)
+    shardings = None
+    if mesh is not None:
+        shardings = parallel.state_shardings(
+            abstract_state, mesh, num_examples=dataset.num_train,
+            scope=config.selection_scope,
+        )
     fns = steps.make_step_fns(
         model=model,
         policy=policy,
@@ -170,66 +256,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps_per_dispatch=config.steps_per_dispatch,
         heldout_size=config.heldout_size,
         heldout_every=config.heldout_every,
+        mesh=mesh,
+        selection_scope=config.selection_scope,
+        state_sharding=shardings,
     )
-    heldout = {}
-    if policy.needs_heldout_grad:
-        heldout = {"heldout_images": jnp.asarray(dataset.val_images),
-                   "heldout_labels": jnp.asarray(dataset.val_labels, jnp.int32)}
-    data = steps.DeviceData(
-        images=jnp.asarray(dataset.train_images),
-        labels=jnp.asarray(dataset.train_labels, jnp.int32),
-        noisy=jnp.asarray(dataset.noisy),
-        **heldout,
-    )
-    test_arrays = _eval_arrays(dataset.test_images, dataset.test_labels, config.eval_batch_size)
-    val_arrays = (
-        _eval_arrays(dataset.val_images, dataset.val_labels, config.eval_batch_size)
-        if len(dataset.val_labels) else None
-    )
+    data, test_arrays, val_arrays = _device_data(config, dataset, policy, mesh)
+
+    if mesh is None:
+        jitted = jax.jit(fresh_fn)
+
+        def fresh_state():
+            return jitted(init_key)
+    else:
+        # No arguments: the key is a host constant, so the jit runs on every host alike.
+        fresh_state = jax.jit(lambda: fresh_fn(init_key), out_shardings=shardings)
+    return Run(mesh, num_devices, num_shards, dataset, model, policy, tx, lr_schedule, fns,
+               data, test_arrays, val_arrays, abstract_state, shardings, fresh_state,
+               init_key, data_key)
+
+
+def epoch_inputs(run: Run, epoch: int):
+    """(chunk ids, chunk valid, zero cursor, epoch) for one epoch's dispatches."""
+    ids, valid, cursor = _epoch_chunks(run.dataset, run.policy.chunk_size, run.data_key,
+                                       epoch, run.mesh, run.num_shards)
+    if run.mesh is None:
+        return ids, valid, cursor, jnp.asarray(epoch, jnp.int32)
+    return (ids, valid, parallel.put(cursor, run.shardings.cursor),
+            parallel.put(np.int32(epoch), parallel.replicated(run.mesh)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per ``config``, writing metrics, checkpoints and plots to ``workdir``.
+
+    Re-running the same command on the same ``workdir`` resumes from the last checkpoint
+    and ends with the same metrics as an uninterrupted run. Returns the summary dict.
+    """
+    config_lib.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config_lib.check_resumable(config, workdir)
+    primary = parallel.is_primary()  # only process 0 writes files (orbax coordinates its own)
+
+    run = setup_run(config)
+    mesh, num_devices, num_shards = run.mesh, run.num_devices, run.num_shards
+    dataset, policy, fns, data = run.dataset, run.policy, run.fns, run.data
+    test_arrays, val_arrays, lr_schedule = run.test_arrays, run.val_arrays, run.lr_schedule
+    per_shard = num_shards > 1
+    init_key = run.init_key
 
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
-    fresh_state = jax.jit(lambda k: init_state(config, dataset, model, policy, tx, k))
-    abstract_state = jax.eval_shape(fresh_state, init_key)
-    restored = ckpt.restore_latest(abstract_state)
+    restored = ckpt.restore_latest(run.abstract_state, run.shardings)
     if restored is None:
-        state, start_epoch, wall_s = fresh_state(init_key), 0, 0.0
+        state = run.fresh_state()
+        start_epoch, wall_s = 0, 0.0
         irreducible_s = 0.0
         if policy.set_irreducible_loss is not None:
             # Part of the run's cost: counted in wall_s. The losses live in the policy state,
             # so a resumed run restores them instead of training the model again.
             losses, irreducible_s = train_irreducible_loss(
-                config, dataset, jax.random.fold_in(init_key, 1)
+                config, dataset, jax.random.fold_in(jnp.asarray(init_key), 1)
             )
             wall_s += irreducible_s
             state = state._replace(
-                policy_state=policy.set_irreducible_loss(state.policy_state, losses)
+                policy_state=set_irreducible_loss(policy, state.policy_state, losses,
+                                                  num_shards)
             )
+            if mesh is not None:
+                state = parallel.put_tree(parallel.to_host(state), run.shardings)
             logging.info("irreducible-loss model: %.1fs, mean loss %.4f", irreducible_s,
                          float(np.mean(losses)))
-        config_lib.save_config(config, workdir)
+        if primary:
+            config_lib.save_config(config, workdir)
     else:
         state, start_epoch, extra = restored
         wall_s = float(extra["wall_s"])
         irreducible_s = float(extra.get("irreducible_model_wall_s", 0.0))
         logging.info("resumed from checkpoint after epoch %d (%s)", start_epoch, ckpt.directory)
 
-    writer = metrics_io.MetricWriter(workdir, resume_epoch=start_epoch,
-                                     tensorboard=config.tensorboard)
+    writer = (metrics_io.MetricWriter(workdir, resume_epoch=start_epoch,
+                                      tensorboard=config.tensorboard) if primary else None)
+    records = []
     chunk_size = policy.chunk_size
-    num_chunks = math.ceil(dataset.num_train / chunk_size)
+    num_chunks = math.ceil(dataset.num_train / (chunk_size * num_shards))
     progress = metrics_io.Progress(config.num_epochs * num_chunks, log_fn=logging.info)
     last_log = time.perf_counter()
     epoch_start_counters = _device_counters(state)
+    diagnostics = policy.diagnostics
+    if diagnostics is not None and mesh is not None:
+        if per_shard:
+            # One value per device; the log shows their mean.
+            def diagnostics(ps, _f=policy.diagnostics):
+                return jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(_f)(ps))
+        diagnostics = jax.jit(diagnostics, out_shardings=parallel.replicated(mesh))
 
     try:
         for epoch in range(start_epoch, config.num_epochs):
-            ids, valid = data_device.epoch_permutation(
-                jax.random.fold_in(data_key, epoch), dataset.num_train, chunk_size
-            )
-            ep = jnp.asarray(epoch, jnp.int32)
-            state = state._replace(cursor=jnp.zeros((), jnp.int32))
+            ids, valid, cursor, ep = epoch_inputs(run, epoch)
+            state = state._replace(cursor=cursor)
             t_epoch = time.perf_counter()
             steps_before = int(state.step)
             # One dispatch stays in flight: `done` of dispatch i is read after dispatch
@@ -243,10 +368,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 previous_done = done
                 if time.perf_counter() - last_log >= config.log_every_s:
                     _check_finite(state, epoch)  # also waits for the dispatch to finish
-                    step_now, cursor = int(state.step), int(state.cursor)
+                    step_now = int(state.step)
+                    cursor_now = int(np.max(parallel.to_host(state.cursor)))
                     now = time.perf_counter()
                     progress.update(
-                        epoch * num_chunks + cursor, epoch=epoch + 1,
+                        epoch * num_chunks + cursor_now, epoch=epoch + 1,
                         steps_per_s=(step_now - steps_before) / max(now - t_epoch, 1e-9),
                         extra=f"| step {step_now}",
                     )
@@ -260,9 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if (epoch + 1) % config.eval_every == 0 or is_last:
                 record = _evaluation_record(
                     fns, state, test_arrays, val_arrays, epoch, wall_s, now_counters,
-                    epoch_start_counters, lr_schedule, dataset, policy,
+                    epoch_start_counters, lr_schedule, dataset, policy, diagnostics,
                 )
-                writer.write(record)
+                records.append(record)
+                if writer is not None:
+                    writer.write(record)
                 logging.info(
                     "epoch %d: test error %.2f%%, train loss %.4f, backprop %d, wall %.1fs",
                     epoch + 1, record["test_error"], record["train_loss"],
@@ -273,10 +401,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ckpt.save(epoch + 1, state,
                           {"wall_s": wall_s, "irreducible_model_wall_s": irreducible_s})
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
-    summary = _summary(config, workdir, dataset, state, wall_s)
+    if not primary:
+        # Other processes hold the same numbers but write nothing.
+        return _summary(config, dataset, state, wall_s, records, num_devices)
+    summary = _summary(config, dataset, state, wall_s, metrics_io.read_metrics(workdir),
+                       num_devices)
     if policy.set_irreducible_loss is not None:
         summary["irreducible_model_wall_s"] = irreducible_s
     metrics_io.write_json(os.path.join(workdir, metrics_io.SUMMARY_FILE), summary)
@@ -305,8 +438,70 @@ def _priority_class_names(config) -> list[str] | None:
     return names
 
 
+def _device_data(config, dataset, policy, mesh):
+    """The training set on the device(s), and the evaluation splits in batches.
+
+    On a mesh the training images are padded to a multiple of the device count and split
+    by id (each host copies only its devices' rows); labels, the noise mask and the
+    held-out split are replicated; evaluation batches are split over the devices when
+    the evaluation batch size allows.
+    """
+    heldout = {}
+    if policy.needs_heldout_grad:
+        heldout = {"heldout_images": np.asarray(dataset.val_images),
+                   "heldout_labels": np.asarray(dataset.val_labels, np.int32)}
+    test = _eval_arrays(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+    val = (_eval_arrays(dataset.val_images, dataset.val_labels, config.eval_batch_size)
+           if len(dataset.val_labels) else None)
+    if mesh is None:
+        data = steps.DeviceData(
+            images=jnp.asarray(dataset.train_images),
+            labels=jnp.asarray(dataset.train_labels, jnp.int32),
+            noisy=jnp.asarray(dataset.noisy),
+            **{k: jnp.asarray(v) for k, v in heldout.items()},
+        )
+        return data, test, val
+    size = parallel.padded_size(dataset.num_train, mesh.devices.size)
+    rep = parallel.replicated(mesh)
+    data = steps.DeviceData(
+        images=parallel.put(parallel.pad_rows(dataset.train_images, size), parallel.rows(mesh)),
+        labels=parallel.put(parallel.pad_rows(np.asarray(dataset.train_labels, np.int32), size),
+                            rep),
+        noisy=parallel.put(parallel.pad_rows(np.asarray(dataset.noisy), size), rep),
+        **{k: parallel.put(v, rep) for k, v in heldout.items()},
+    )
+    if config.eval_batch_size % mesh.devices.size == 0:
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            None, parallel.DATA_AXIS))
+    else:
+        split = rep
+
+    def place(arrays):
+        return None if arrays is None else tuple(parallel.put(np.asarray(a), split)
+                                                 for a in arrays)
+
+    return data, place(test), place(val)
+
+
+def _epoch_chunks(dataset, chunk_size, data_key, epoch, mesh, num_shards):
+    """(ids, valid, zero cursor) of one epoch: host arrays on a mesh (put by the caller)."""
+    key = jax.random.fold_in(data_key, epoch)
+    if num_shards > 1:
+        ids, valid = steps.shard_permutation(key, dataset.num_train, num_shards, chunk_size)
+        ids, valid = np.asarray(ids), np.asarray(valid)
+        split = parallel.rows(mesh)
+        return (parallel.put(ids, split), parallel.put(valid, split),
+                np.zeros((num_shards,), np.int32))
+    ids, valid = data_device.epoch_permutation(key, dataset.num_train, chunk_size)
+    if mesh is None:
+        return ids, valid, jnp.zeros((), jnp.int32)
+    rep = parallel.replicated(mesh)
+    return (parallel.put(np.asarray(ids), rep), parallel.put(np.asarray(valid), rep),
+            np.zeros((), np.int32))
+
+
 def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, counters,
-                       since, lr_schedule, dataset, policy) -> dict[str, Any]:
+                       since, lr_schedule, dataset, policy, diagnostics) -> dict[str, Any]:
     errs, loss = fns.evaluate(state.params, state.batch_stats, *test_arrays)
     n_test = int(test_arrays[2].sum())
     backward = counters["examples_backward"] - since["examples_backward"]
@@ -338,9 +533,9 @@ def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, count
         record["selected_mislabeled_fraction"] = noisy_sel / max(selected, 1)
     if policy.needs_heldout_grad:
         record["examples_heldout"] = counters["examples_heldout"]
-    if policy.diagnostics is not None:
-        diagnostics = jax.device_get(policy.diagnostics(state.policy_state))
-        record.update({name: np.asarray(value).tolist() for name, value in diagnostics.items()})
+    if diagnostics is not None:
+        values = parallel.to_host(diagnostics(state.policy_state))
+        record.update({name: np.asarray(value).tolist() for name, value in values.items()})
     if val_arrays is not None:
         verrs, vloss = fns.evaluate(state.params, state.batch_stats, *val_arrays)
         n_val = int(val_arrays[2].sum())
@@ -349,8 +544,7 @@ def _evaluation_record(fns, state, test_arrays, val_arrays, epoch, wall_s, count
     return record
 
 
-def _summary(config, workdir, dataset, state, wall_s) -> dict[str, Any]:
-    records = metrics_io.read_metrics(workdir)
+def _summary(config, dataset, state, wall_s, records, num_devices) -> dict[str, Any]:
     counters = _device_counters(state)
     errors = [r["test_error"] for r in records]
     return {
@@ -367,4 +561,6 @@ def _summary(config, workdir, dataset, state, wall_s) -> dict[str, Any]:
         "examples_per_s": counters["examples_seen"] / max(wall_s, 1e-9),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "num_devices": num_devices,
+        "num_processes": jax.process_count(),
     }

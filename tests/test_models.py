@@ -421,7 +421,9 @@ def test_unknown_kwarg_lists_valid_ones():
 
 
 def test_model_kwargs_reports_defaults():
-    assert models.model_kwargs("wrn") == dict(depth=28, width=10, dropout=0.0, dtype=jnp.float32)
+    assert models.model_kwargs("wrn") == dict(
+        depth=28, width=10, dropout=0.0, dtype=jnp.float32, ops="auto"
+    )
 
 
 @pytest.mark.parametrize(

@@ -139,12 +139,35 @@ def test_irreducible_losses_flag_the_mislabeled_examples(noisy_digits):
     np.testing.assert_array_equal(losses, again)  # Deterministic given the key.
 
 
+def test_cosine_schedule_and_flips_are_used_and_deterministic(noisy_digits):
+    ds = noisy_digits
+    model = create_model("small_cnn", ds.num_classes)
+    kwargs = dict(
+        heldout_images=ds.val_images, heldout_labels=ds.val_labels,
+        train_images=ds.train_images, train_labels=ds.train_labels, mean=ds.mean, std=ds.std,
+        num_epochs=4, batch_size=32, learning_rate=0.05, eval_batch_size=256,
+        key=jax.random.key(0),
+    )
+    plain = irreducible_loss.irreducible_losses(model, **kwargs)
+    cosine = irreducible_loss.irreducible_losses(model, lr_schedule="cosine", **kwargs)
+    flipped = irreducible_loss.irreducible_losses(model, lr_schedule="cosine", flip=True,
+                                                  **kwargs)
+    # Each option changes the trained model (so it is really applied) ...
+    assert not np.allclose(plain, cosine) and not np.allclose(cosine, flipped)
+    # ... and keeps it deterministic and useful.
+    np.testing.assert_array_equal(
+        flipped, irreducible_loss.irreducible_losses(model, lr_schedule="cosine", flip=True,
+                                                     **kwargs))
+    assert np.median(flipped[ds.noisy]) > 5 * np.median(flipped[~ds.noisy])
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         (dict(num_epochs=0), "num_epochs must be >= 1"),
         (dict(batch_size=0), "batch_size must be >= 1"),
         (dict(learning_rate=0.0), "learning_rate must be > 0"),
+        (dict(lr_schedule="step"), "lr_schedule must be one of"),
         (dict(heldout_images=np.zeros((0, 8, 8, 1), np.uint8),
               heldout_labels=np.zeros((0,), np.int32)), "set validation_size > 0"),
     ],

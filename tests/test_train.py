@@ -251,6 +251,10 @@ def test_rho_loss_counts_its_model_and_restores_it_on_resume(tmp_path):
          "unknown rho_model 'vgg'"),
         (dict(selector="rho_loss", validation_size=100, rho_epochs=0),
          "rho_epochs must be >= 1"),
+        (dict(selector="rho_loss", validation_size=100, rho_lr_schedule="step"),
+         "rho_lr_schedule must be one of"),
+        (dict(selector="rho_loss", validation_size=100, rho_weight_decay=-1.0),
+         "rho_weight_decay must be >= 0"),
     ],
 )
 def test_held_out_policy_config_errors(overrides, message):

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sb_jax.models import fast_ops
+
 Dtype = Any
 
 BN_MOMENTUM = 0.9
@@ -36,6 +38,50 @@ dense_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class Conv(nn.Module):
+    """Bias-free square 'SAME' convolution; parameters identical to `nn.Conv(use_bias=False)`.
+
+    `ops` picks the formulation (`fast_ops.IMPLS`): the same function with XLA's native
+    operations ("xla") or with the CPU-fast kernel gradient ("cpu"); "auto" chooses by
+    backend. Parameters and checkpoints do not depend on it.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    feature_group_count: int = 1
+    dtype: Dtype = jnp.float32
+    ops: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.feature_group_count:
+            raise ValueError(
+                f"Conv {self.name}: {in_features} input channels do not split into "
+                f"{self.feature_group_count} groups."
+            )
+        kernel = self.param(
+            "kernel",
+            conv_kernel_init,
+            (
+                self.kernel_size,
+                self.kernel_size,
+                in_features // self.feature_group_count,
+                self.features,
+            ),
+            jnp.float32,
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return fast_ops.conv2d(
+            x,
+            kernel,
+            self.strides,
+            feature_group_count=self.feature_group_count,
+            impl=self.ops,
+        )
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -43,18 +89,17 @@ def conv(
     *,
     dtype: Dtype = jnp.float32,
     feature_group_count: int = 1,
+    ops: str = "auto",
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv:
     """Bias-free square convolution with 'SAME' padding and Kaiming fan_out init."""
-    return nn.Conv(
+    return Conv(
         features,
-        (kernel_size, kernel_size),
-        strides=(strides, strides),
-        padding="SAME",
-        use_bias=False,
+        kernel_size,
+        strides,
         feature_group_count=feature_group_count,
-        kernel_init=conv_kernel_init,
         dtype=dtype,
+        ops=ops,
         name=name,
     )
 

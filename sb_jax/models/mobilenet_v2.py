@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sb_jax.models import layers
+from sb_jax.models import fast_ops, layers
 
 # (expansion t, output channels c, repeats n, first stride s); the second row's stride is
 # 2 in the ImageNet model.
@@ -50,6 +50,7 @@ class InvertedResidual(nn.Module):
     strides: int
     expansion: int
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -57,7 +58,7 @@ class InvertedResidual(nn.Module):
         hidden = in_features * self.expansion
         y = x
         if self.expansion != 1:
-            y = layers.conv(hidden, 1, dtype=self.dtype, name="expand_conv")(y)
+            y = layers.conv(hidden, 1, dtype=self.dtype, ops=self.ops, name="expand_conv")(y)
             y = nn.relu6(layers.batch_norm(train, dtype=self.dtype, name="expand_bn")(y))
         y = layers.conv(
             hidden,
@@ -65,10 +66,11 @@ class InvertedResidual(nn.Module):
             self.strides,
             feature_group_count=hidden,
             dtype=self.dtype,
+            ops=self.ops,
             name="depthwise_conv",
         )(y)
         y = nn.relu6(layers.batch_norm(train, dtype=self.dtype, name="depthwise_bn")(y))
-        y = layers.conv(self.features, 1, dtype=self.dtype, name="project_conv")(y)
+        y = layers.conv(self.features, 1, dtype=self.dtype, ops=self.ops, name="project_conv")(y)
         y = layers.batch_norm(train, dtype=self.dtype, name="project_bn")(y)
         if self.strides == 1 and in_features == self.features:
             y = y + x
@@ -82,9 +84,11 @@ class MobileNetV2(nn.Module):
     width: float = 1.0
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     def __post_init__(self):
         name = type(self).__name__
+        fast_ops.check_impl(self.ops, name)
         layers.check_common(name, self.num_classes, self.dropout)
         layers.check_width_multiplier(name, self.width)
         super().__post_init__()
@@ -96,7 +100,11 @@ class MobileNetV2(nn.Module):
         layers.check_images(x, type(self).__name__)
         x = x.astype(self.dtype)
         x = layers.conv(
-            round_channels(STEM_WIDTH * self.width), 3, dtype=self.dtype, name="stem_conv"
+            round_channels(STEM_WIDTH * self.width),
+            3,
+            dtype=self.dtype,
+            ops=self.ops,
+            name="stem_conv",
         )(x)
         x = nn.relu6(layers.batch_norm(train, dtype=self.dtype, name="stem_bn")(x))
         for stage, (expansion, channels, repeats, stride) in enumerate(CIFAR_STAGES):
@@ -106,10 +114,11 @@ class MobileNetV2(nn.Module):
                     stride if block == 0 else 1,
                     expansion,
                     dtype=self.dtype,
+                    ops=self.ops,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)
         last = round_channels(LAST_WIDTH * max(1.0, self.width))
-        x = layers.conv(last, 1, dtype=self.dtype, name="last_conv")(x)
+        x = layers.conv(last, 1, dtype=self.dtype, ops=self.ops, name="last_conv")(x)
         x = nn.relu6(layers.batch_norm(train, dtype=self.dtype, name="last_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         features = nn.Dropout(self.dropout, deterministic=not train)(x)

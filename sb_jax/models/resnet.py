@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sb_jax.models import layers
+from sb_jax.models import fast_ops, layers
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -23,19 +23,22 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = layers.conv(self.features, 3, self.strides, dtype=self.dtype, name="conv_0")(x)
+        y = layers.conv(
+            self.features, 3, self.strides, dtype=self.dtype, ops=self.ops, name="conv_0"
+        )(x)
         y = layers.batch_norm(train, dtype=self.dtype, name="bn_0")(y)
         y = nn.relu(y)
-        y = layers.conv(self.features, 3, dtype=self.dtype, name="conv_1")(y)
+        y = layers.conv(self.features, 3, dtype=self.dtype, ops=self.ops, name="conv_1")(y)
         y = layers.batch_norm(train, dtype=self.dtype, name="bn_1")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             # Projection shortcut ("option B"), as in the PyTorch CIFAR ResNets.
             shortcut = layers.conv(
-                self.features, 1, self.strides, dtype=self.dtype, name="proj_conv"
+                self.features, 1, self.strides, dtype=self.dtype, ops=self.ops, name="proj_conv"
             )(x)
             shortcut = layers.batch_norm(train, dtype=self.dtype, name="proj_bn")(shortcut)
         return nn.relu(y + shortcut)
@@ -47,9 +50,11 @@ class ResNet18(nn.Module):
     num_classes: int
     width: float = 1.0
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     def __post_init__(self):
         name = type(self).__name__
+        fast_ops.check_impl(self.ops, name)
         layers.check_common(name, self.num_classes)
         layers.check_width_multiplier(name, self.width)
         super().__post_init__()
@@ -64,7 +69,7 @@ class ResNet18(nn.Module):
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         layers.check_images(x, type(self).__name__)
         x = x.astype(self.dtype)
-        x = layers.conv(self.channels(64), 3, dtype=self.dtype, name="stem_conv")(x)
+        x = layers.conv(self.channels(64), 3, dtype=self.dtype, ops=self.ops, name="stem_conv")(x)
         x = layers.batch_norm(train, dtype=self.dtype, name="stem_bn")(x)
         x = nn.relu(x)
         for stage, (base, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True)):
@@ -73,6 +78,7 @@ class ResNet18(nn.Module):
                     self.channels(base),
                     stride if block == 0 else 1,
                     dtype=self.dtype,
+                    ops=self.ops,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)
         features = jnp.mean(x, axis=(1, 2))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sb_jax.models import layers
+from sb_jax.models import fast_ops, layers
 
 DOWNSAMPLING = ("conv_stride", "max_pool")
 
@@ -32,9 +32,11 @@ class SmallCNN(nn.Module):
     dropout: float = 0.25
     downsample: str = "conv_stride"
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     def __post_init__(self):
         name = type(self).__name__
+        fast_ops.check_impl(self.ops, name)
         layers.check_common(name, self.num_classes, self.dropout)
         if isinstance(self.widths, str | bytes) or not isinstance(self.widths, Sequence):
             raise ValueError(f"{name}: widths must be a sequence of ints, got {self.widths!r}.")
@@ -70,11 +72,13 @@ class SmallCNN(nn.Module):
             )
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
-            x = layers.conv(width, 3, 1 if use_pool else 2, dtype=self.dtype, name=f"conv_{i}")(x)
+            x = layers.conv(
+                width, 3, 1 if use_pool else 2, dtype=self.dtype, ops=self.ops, name=f"conv_{i}"
+            )(x)
             x = layers.batch_norm(train, dtype=self.dtype, name=f"bn_{i}")(x)
             x = nn.relu(x)
             if use_pool:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = fast_ops.max_pool(x, 2, impl=self.ops)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(
             self.dense_width, kernel_init=layers.dense_kernel_init, dtype=self.dtype, name="dense"

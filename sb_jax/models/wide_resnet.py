@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sb_jax.models import layers
+from sb_jax.models import fast_ops, layers
 
 STAGE_WIDTHS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
@@ -40,20 +40,23 @@ class WideBasicBlock(nn.Module):
     strides: int = 1
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         preact = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn_0")(x))
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = layers.conv(
-                self.features, 1, self.strides, dtype=self.dtype, name="proj_conv"
+                self.features, 1, self.strides, dtype=self.dtype, ops=self.ops, name="proj_conv"
             )(preact)
         else:
             shortcut = x
-        y = layers.conv(self.features, 3, self.strides, dtype=self.dtype, name="conv_0")(preact)
+        y = layers.conv(
+            self.features, 3, self.strides, dtype=self.dtype, ops=self.ops, name="conv_0"
+        )(preact)
         y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn_1")(y))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = layers.conv(self.features, 3, dtype=self.dtype, name="conv_1")(y)
+        y = layers.conv(self.features, 3, dtype=self.dtype, ops=self.ops, name="conv_1")(y)
         return y + shortcut
 
 
@@ -65,9 +68,11 @@ class WideResNet(nn.Module):
     width: int = 10
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    ops: str = "auto"
 
     def __post_init__(self):
         name = type(self).__name__
+        fast_ops.check_impl(self.ops, name)
         layers.check_common(name, self.num_classes, self.dropout)
         blocks_per_stage(self.depth)
         if not layers.is_positive_int(self.width):
@@ -83,7 +88,7 @@ class WideResNet(nn.Module):
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         layers.check_images(x, type(self).__name__)
         x = x.astype(self.dtype)
-        x = layers.conv(STEM_WIDTH, 3, dtype=self.dtype, name="stem_conv")(x)
+        x = layers.conv(STEM_WIDTH, 3, dtype=self.dtype, ops=self.ops, name="stem_conv")(x)
         n = blocks_per_stage(self.depth)
         for stage, (base, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True)):
             for block in range(n):
@@ -92,6 +97,7 @@ class WideResNet(nn.Module):
                     stride if block == 0 else 1,
                     self.dropout,
                     dtype=self.dtype,
+                    ops=self.ops,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)
         x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="final_bn")(x))

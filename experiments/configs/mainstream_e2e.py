@@ -1,0 +1,74 @@
+"""Mainstream end to end (profile -> plan -> run) on Fashion-MNIST.
+
+  --config=experiments/configs/mainstream_e2e.py          # small CPU setting (minutes)
+  --config=experiments/configs/mainstream_e2e.py:gpu      # larger setting for a GPU
+
+Base classes: t-shirt, trouser, pullover, dress, sandal. Apps detect the five classes the
+base never saw: coat, shirt, sneaker, bag, ankle boot.
+"""
+
+import ml_collections
+
+
+def get_config(setting: str = "cpu") -> ml_collections.ConfigDict:
+    if setting not in ("cpu", "gpu"):
+        raise ValueError(f"unknown setting {setting!r}; choose cpu or gpu")
+    c = ml_collections.ConfigDict()
+    c.dataset = "fashion_mnist"
+    c.data_dir = ""  # empty: the dataset's default locations
+    c.seed = 0
+    c.base_classes = (0, 1, 2, 3, 5)
+    c.app_targets = (4, 6, 7, 8, 9)
+    # Per app: event length (a whole number of frames at stream_fps) and frequency; the
+    # frequencies share one stream, so they must sum to < 1.
+    c.event_length_ms = (500, 1000, 1500, 1000, 500)
+    c.event_frequency = (0.1, 0.15, 0.1, 0.1, 0.05)
+    c.correlation = 0.3
+    c.jitter = 1  # pixels of random shift per frame
+    c.stream_fps = 10
+    c.duration_s = 600
+    # Base network (basenet.mobilenet_spec).
+    c.widths = (24, 32, 64, 64, 128)
+    c.strides = (1, 2, 1, 2, 1)
+    c.stem_width = 16
+    c.stem_strides = 2
+    c.hidden = 64
+    # Training.
+    c.base_train_size = 12000  # 0: all training images of the base classes
+    c.base_epochs = 2
+    c.base_batch_size = 128
+    c.base_learning_rate = 3e-3
+    c.finetune_pool_size = 3000
+    c.finetune_steps = 100
+    c.finetune_batch_size = 64
+    c.finetune_learning_rate = 2e-3
+    c.profile_size = 2000
+    # Profiling and runtime.
+    # The runtime's sampling pattern repeats every window_s seconds: 10 lets apps run at
+    # 0.1 frames/s steps (no_sharing's fractional rates).
+    c.window_s = 10
+    c.windows_per_call = 1  # windows per jitted runtime call
+    c.cost_repeats = 30
+    c.batch_apps = False  # vmap identical apps' branches: slower on the CPU (runtime.py)
+    # Planning.
+    c.planners = ("mainstream", "max_sharing", "no_sharing")
+    # Fractions of the cost of every app, unshared, at F. F1 peaks at low rates here
+    # (false alarms grow with the rate), so budgets past ~0.12 change no schedule.
+    c.budget_fractions = (0.02, 0.04, 0.08, 0.12)
+    c.no_sharing_fractional_fps = True  # the original's no-sharing baseline: 0.1..0.9 too
+    c.event_model = "corrected"  # the streams count events in stream frames
+    if setting == "gpu":
+        c.widths = (32, 64, 128, 128, 256)
+        c.stem_width = 32
+        c.hidden = 128
+        c.base_train_size = 0
+        c.base_epochs = 10
+        c.finetune_pool_size = 20000
+        c.finetune_steps = 1500
+        c.finetune_batch_size = 256
+        c.profile_size = 4000
+        c.duration_s = 3600
+        c.windows_per_call = 10
+        c.cost_repeats = 50
+        c.batch_apps = True
+    return c

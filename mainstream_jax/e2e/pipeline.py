@@ -1,0 +1,293 @@
+"""profile -> plan -> run: Mainstream end to end on real images.
+
+:func:`run_e2e` trains the base network on the base classes, fine-tunes every app's
+detector at every chokepoint, profiles accuracy / false-positive rate on held-out
+(jittered) test images and the per-layer cost on this device, writes the profile
+directory and reads it back for the planners, builds a stream from the remaining test
+images, then plans with each planner at each budget, runs the schedules with the
+stem-sharing runtime and compares what the planner predicted with what happened.
+
+Data use (Fashion-MNIST by default): the base network trains on training images of the
+base classes only; the apps' targets are other classes (the base never saw them).
+Fine-tuning draws from the training split (all classes); profiling and the stream use
+disjoint parts of the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mainstream_jax import planners, profiles
+from mainstream_jax.e2e import basenet, profiling, runtime, streams, training
+from sb_jax.data import load_dataset
+
+FASHION_MNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle_boot")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for inconsistent settings."""
+    n = len(config.app_targets)
+    if n == 0:
+        raise ValueError("app_targets: give at least one app")
+    for field in ("event_length_ms", "event_frequency"):
+        if len(config[field]) != n:
+            raise ValueError(f"{field}: needs one entry per app ({n}), got "
+                             f"{len(config[field])}")
+    if set(config.app_targets) & set(config.base_classes):
+        raise ValueError("app_targets must be classes the base network never saw "
+                         f"(base_classes = {list(config.base_classes)})")
+    for p in config.planners:
+        if p not in planners.PLANNERS:
+            raise ValueError(f"planners: unknown planner {p!r}; choose from "
+                             f"{sorted(planners.PLANNERS)}")
+    if not config.budget_fractions or min(config.budget_fractions) <= 0:
+        raise ValueError("budget_fractions: give positive fractions of the no-sharing, "
+                         "full-rate cost")
+    if config.event_model not in profiles.EVENT_MODELS:
+        raise ValueError(f"event_model: choose one of {profiles.EVENT_MODELS}")
+
+
+def _split(ds, config):
+    rng = np.random.default_rng([config.seed, 7])
+    base_cls = np.asarray(config.base_classes)
+    m = np.isin(ds.train_labels, base_cls)
+    base_ids = np.flatnonzero(m)
+    if config.base_train_size:
+        base_ids = np.sort(rng.choice(base_ids, min(config.base_train_size, base_ids.size),
+                                      replace=False))
+    ft_ids = np.sort(rng.choice(ds.num_train, config.finetune_pool_size, replace=False))
+    test_perm = rng.permutation(ds.num_test)
+    prof_ids = test_perm[:config.profile_size]
+    stream_ids = test_perm[config.profile_size:]
+    return base_ids, ft_ids, prof_ids, stream_ids
+
+
+def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[str, Any]:
+    """Runs the whole loop and writes ``report.json``, ``report.md`` and the profile
+    directory (``profile/``) under ``out_dir``; returns the report."""
+    validate_config(config)
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name, t0):
+        phases[name] = time.perf_counter() - t0
+        log(f"[{name}] {phases[name]:.1f} s")
+
+    t0 = time.perf_counter()
+    ds = load_dataset(config.dataset, config.data_dir or None)
+    base_ids, ft_ids, prof_ids, stream_ids = _split(ds, config)
+    base_cls = np.asarray(config.base_classes)
+    targets = np.asarray(config.app_targets)
+    names = [FASHION_MNIST_CLASSES[t] if config.dataset == "fashion_mnist" else f"class{t}"
+             for t in targets]
+    image_shape = ds.image_shape
+    base_imgs = ds.train_images[base_ids]
+    mean = float(base_imgs.mean() / 255.0)
+    std = float(base_imgs.std() / 255.0)
+    spec = basenet.mobilenet_spec(tuple(config.widths), tuple(config.strides),
+                                  config.stem_width, config.stem_strides, config.hidden)
+    base_model = basenet.ChokepointNet(spec, len(base_cls))
+    app_model = basenet.ChokepointNet(spec, 1)
+    phase("data", t0)
+
+    t0 = time.perf_counter()
+    test_base = np.isin(ds.test_labels, base_cls)
+    base = training.train_base(
+        base_model, basenet.init_variables(base_model, image_shape, config.seed),
+        base_imgs, np.searchsorted(base_cls, ds.train_labels[base_ids]),
+        mean=mean, std=std, epochs=config.base_epochs, batch_size=config.base_batch_size,
+        learning_rate=config.base_learning_rate, seed=config.seed,
+        test_images=ds.test_images[test_base],
+        test_labels=np.searchsorted(base_cls, ds.test_labels[test_base]))
+    base_vars = base.variables
+    log(f"base network: {len(base_cls)}-class test accuracy {base.test_accuracy:.4f}")
+    phase("train_base", t0)
+
+    # Fine-tune every app at every chokepoint; profile on jittered held-out images.
+    t0 = time.perf_counter()
+    jrng = np.random.default_rng([config.seed, 11])
+    prof_imgs = streams.jitter_images(
+        ds.test_images[prof_ids],
+        jrng.integers(-config.jitter, config.jitter + 1, size=(prof_ids.size, 2)))
+    prof_pos = ds.test_labels[prof_ids][None, :] == targets[:, None]
+    ft_pos = ds.train_labels[ft_ids][None, :] == targets[:, None]
+    x_ft = training.normalize(ds.train_images[ft_ids], mean, std)
+    x_prof = training.normalize(prof_imgs, mean, std)
+    acc = np.zeros((len(targets), len(spec.chokepoints)))
+    fpr = np.zeros_like(acc)
+    branches: dict[int, dict] = {}
+    for j, k in enumerate(spec.chokepoints):
+        feats = training.stem_features(base_model, base_vars, x_ft, k)
+        init = training.init_branches(app_model, base_vars, k, len(targets), image_shape,
+                                      config.seed + 100)
+        tuned = training.finetune_branches(
+            app_model, init, feats, ft_pos, k, steps=config.finetune_steps,
+            batch_size=config.finetune_batch_size, learning_rate=config.finetune_learning_rate,
+            seed=config.seed + k)
+        logits = training.branch_logits(
+            app_model, tuned.branches, training.stem_features(base_model, base_vars, x_prof, k),
+            k)
+        acc[:, j], fpr[:, j] = profiling.detection_rates(logits, prof_pos)
+        branches[k] = jax.device_get(tuned.branches)
+        log(f"k={k:2d}: accuracy {np.round(acc[:, j], 3).tolist()}  fpr "
+            f"{np.round(fpr[:, j], 3).tolist()}")
+    phase("finetune_and_profile_accuracy", t0)
+
+    t0 = time.perf_counter()
+    F = config.stream_fps
+    frames_per_call = config.windows_per_call * config.window_s * F
+    batch = frames_per_call
+    costs = profiling.measure_layer_costs(app_model, basenet.init_variables(
+        app_model, image_shape, 0), image_shape, batch=batch, repeats=config.cost_repeats)
+    layer_bytes = basenet.layer_param_bytes(basenet.init_variables(app_model, image_shape, 0),
+                                            spec)
+    network = profiles.make_network(costs.ms_per_frame, spec.chokepoints,
+                                    layer_bytes=layer_bytes, layer_names=spec.layer_names,
+                                    name=f"e2e MobileNet-style ({len(spec.layers)} layers)")
+    apps = [profiles.make_app(
+        n, network, num_frozen=spec.chokepoints, accuracy=acc[a], false_positive_rate=fpr[a],
+        event_length_ms=config.event_length_ms[a], event_frequency=config.event_frequency[a],
+        correlation=config.correlation, clean=False) for a, n in enumerate(names)]
+    profile_dir = os.path.join(out_dir, "profile")
+    profiling.write_profile_dir(profile_dir, network, apps, metadata={
+        "base_classes": list(map(int, base_cls)), "app_targets": list(map(int, targets)),
+        "cost_batch": batch, "cost_overhead_ms": costs.overhead_ms,
+        "network_fused_ms": costs.full_ms,
+        "device": str(jax.devices()[0])})
+    library = profiles.load_profile_dir(profile_dir)  # the planner reads what was written
+    phase("profile_costs", t0)
+
+    t0 = time.perf_counter()
+    call_s = config.windows_per_call * config.window_s
+    duration = config.duration_s - config.duration_s % call_s
+    stream = streams.make_stream(
+        ds.test_images[stream_ids], ds.test_labels[stream_ids], targets.tolist(),
+        config.event_length_ms, config.event_frequency, background_classes=base_cls.tolist(),
+        correlation=config.correlation, stream_fps=F, duration_s=duration,
+        jitter=config.jitter, seed=config.seed)
+    sstats = streams.stream_stats(stream, len(targets))
+    phase("stream", t0)
+
+    t0 = time.perf_counter()
+    loaded_apps = [library.app_types[n] for n in names]
+    full_cost = len(names) * F * library.network.total_cost
+    # Rates the runtime can run: whole frames per window (fractional ones need window_s 10).
+    options = planners.PlannerOptions(
+        fps_options=tuple(float(r) for r in range(1, F + 1)),
+        no_sharing_fractional_fps=bool(config.no_sharing_fractional_fps))
+    # A runtime call pays a fixed dispatch cost the per-frame cost model does not have.
+    overhead_ms_per_s = costs.overhead_ms / call_s
+    runs = []
+    for frac in config.budget_fractions:
+        problem = profiles.make_problem(loaded_apps, library.network, frac * full_cost,
+                                        stream_fps=F, event_model=config.event_model)
+        for pname in config.planners:
+            try:
+                sched = planners.plan(problem, pname, options)
+            except planners.InfeasibleError as e:
+                runs.append({"budget_fraction": frac, "planner": pname, "infeasible": str(e)})
+                continue
+            ks = [a.num_frozen for a in sched.apps]
+            app_vars = [training.assemble_app(base_vars, training.unstack(branches[k], a),
+                                              spec, k) for a, k in enumerate(ks)]
+            rt = runtime.StemRuntime(app_model, base_vars, app_vars, ks,
+                                     [a.fps for a in sched.apps], stream_fps=F,
+                                     windows_per_call=config.windows_per_call,
+                                     window_s=config.window_s, mean=mean, std=std,
+                                     batch_apps=config.batch_apps)
+            res = rt.run(stream.frames)
+            per_app = []
+            for a, asg in enumerate(sched.apps):
+                obs = streams.score_app(stream, a, res.frames[a], res.logits[a] > 0)
+                per_app.append({
+                    "app": asg.name, "num_frozen": asg.num_frozen, "fps": asg.fps,
+                    "predicted": {"recall": asg.recall, "precision": asg.precision,
+                                  "f1": asg.f1},
+                    "observed": {"recall": obs.recall, "precision": obs.precision,
+                                 "f1": obs.f1},
+                    "events": obs.num_events, "detected": obs.detected,
+                    "false_alarms": obs.false_alarms, "windows": obs.num_windows})
+            measured_cost = res.wall_s * 1e3 / (stream.frames.shape[0] / F)
+            runs.append({
+                "budget_fraction": frac, "budget": problem.budget, "planner": pname,
+                "predicted_mean_f1": sched.mean_f1,
+                "observed_mean_f1": float(np.mean([p["observed"]["f1"] for p in per_app])),
+                "predicted_cost_ms_per_s": sched.total_cost,
+                "call_overhead_ms_per_s": overhead_ms_per_s,
+                "measured_cost_ms_per_s": measured_cost,
+                "frames_per_s": res.frames_per_s, "apps": per_app})
+            log(f"budget {frac:g} {pname:>12}: F1 predicted {sched.mean_f1:.3f} observed "
+                f"{runs[-1]['observed_mean_f1']:.3f}; cost predicted {sched.total_cost:.3f} "
+                f"measured {measured_cost:.3f} ms per stream-second")
+    phase("plan_and_run", t0)
+    report = {
+        "config": config.to_dict(),
+        "device": str(jax.devices()[0]),
+        "base_test_accuracy": base.test_accuracy,
+        "apps": names,
+        "chokepoints": list(map(int, spec.chokepoints)),
+        "accuracy": acc.tolist(), "false_positive_rate": fpr.tolist(),
+        "layer_ms_per_frame": costs.ms_per_frame.tolist(),
+        "layer_alone_ms": costs.raw_ms.tolist(), "network_fused_ms": costs.full_ms,
+        "cost_overhead_ms": costs.overhead_ms,
+        "stream": {"frames": int(stream.frames.shape[0]),
+                   "event_frequency": sstats.event_frequency.tolist(),
+                   "mean_event_frames": sstats.mean_event_frames.tolist(),
+                   "num_events": sstats.num_events.tolist(),
+                   "repeat_fraction": sstats.repeat_fraction},
+        "runs": runs,
+        "phases_s": phases,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=profiling._json_default)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables: per planner and budget, predicted vs observed F1 and cost; per app
+    predicted vs observed recall / precision / F1."""
+    lines = [f"# Mainstream end to end ({report['device']})", "",
+             f"base test accuracy {report['base_test_accuracy']:.4f}; wall "
+             f"{report['wall_s']:.0f} s", "",
+             "Costs are ms of compute per second of stream; 'cost predicted' is the cost model "
+             "on the profiled layer costs, '+ overhead' adds the measured dispatch cost of the "
+             "runtime's calls.", "",
+             "| budget (x no-sharing full) | planner | F1 predicted | F1 observed | gap | "
+             "cost predicted | + overhead | cost measured | measured / (+ overhead) | "
+             "frames/s |", "|" + "---|" * 10]
+    for r in report["runs"]:
+        if "infeasible" in r:
+            lines.append(f"| {r['budget_fraction']:g} | {r['planner']} | infeasible "
+                         "(F1 0) |||||||")
+            continue
+        with_overhead = r["predicted_cost_ms_per_s"] + r["call_overhead_ms_per_s"]
+        lines.append(
+            f"| {r['budget_fraction']:g} | {r['planner']} | {r['predicted_mean_f1']:.3f} | "
+            f"{r['observed_mean_f1']:.3f} | "
+            f"{r['observed_mean_f1'] - r['predicted_mean_f1']:+.3f} | "
+            f"{r['predicted_cost_ms_per_s']:.3f} | "
+            f"{with_overhead:.3f} | {r['measured_cost_ms_per_s']:.3f} | "
+            f"{r['measured_cost_ms_per_s'] / with_overhead - 1:+.1%} | "
+            f"{r['frames_per_s']:.0f} |")
+    lines += ["", "| budget | planner | app | k | fps | recall pred/obs | precision pred/obs"
+              " | F1 pred/obs |", "|" + "---|" * 8]
+    for r in report["runs"]:
+        for a in r.get("apps", []):
+            p, o = a["predicted"], a["observed"]
+            lines.append(
+                f"| {r['budget_fraction']:g} | {r['planner']} | {a['app']} | {a['num_frozen']}"
+                f" | {a['fps']:g} | {p['recall']:.3f} / {o['recall']:.3f} | "
+                f"{p['precision']:.3f} / {o['precision']:.3f} | {p['f1']:.3f} / {o['f1']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,296 @@
+"""A stem-sharing runtime: executes a schedule (per app k frozen layers at phi frames/s).
+
+The stream is processed in windows of ``window_s`` seconds (``F * window_s`` frames;
+the sampling pattern repeats every window), ``windows_per_call`` of them per jitted
+call. An app at phi frames/s takes ``phi * window_s`` frames of each window, so
+fractional rates (no-sharing's 0.1..0.9) need ``window_s = 10``.
+
+The shared stem is the SPEC's segments: with branch points the distinct k_i > 0,
+segment ``[a, e)`` runs once per selected frame at the highest rate of the apps still
+attached to it (k_i >= e). Frames are chosen by nesting, so that what an
+app needs was computed by its stem: segment t takes ``r_t`` frames spread evenly over the
+frames of segment t-1 (all the window's frames for the first), and app i takes its
+frames spread evenly over the frames of the segment that ends at k_i. Each segment and
+each app's branch therefore runs on exactly its rate in frames per second, which is what
+the cost model charges.
+
+Branches of apps with the same (k, phi) have the same input and shapes; with
+``batch_apps`` they run as one ``jax.vmap`` over their stacked variables. With ``fused``
+everything of one call (stem segments, gathers, branches) is one jitted function of
+static shapes; otherwise each segment and branch group is its own jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mainstream_jax.e2e import basenet
+
+
+def even_subset(positions: np.ndarray, count: int) -> np.ndarray:
+    """``count`` entries of ``positions`` spread evenly: positions[floor(j n / count)]."""
+    n = positions.shape[0]
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot take {count} of {n} frames")
+    return positions[(np.arange(count) * n) // count]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    start: int  # first layer
+    end: int  # one past the last layer
+    rate: int  # frames per window it runs on (fps * window_s)
+    positions: tuple[int, ...]  # frame offsets within a window, len == rate
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimePlan:
+    """Where every segment and app runs; a pure function of (k, phi, F)."""
+
+    stream_fps: int
+    window_s: int
+    num_frozen: tuple[int, ...]
+    fps: tuple[int, ...]  # frames per window, per app (fps * window_s)
+    segments: tuple[Segment, ...]
+    app_source: tuple[int, ...]  # segment index each app reads (-1: the input frames)
+    app_positions: tuple[tuple[int, ...], ...]  # frame offsets within a window, per app
+
+
+def make_plan(num_frozen: Sequence[int], fps: Sequence[float], stream_fps: int,
+              num_layers: int, window_s: int = 1) -> RuntimePlan:
+    """Builds the :class:`RuntimePlan`; ``fps * window_s`` must be a whole number of
+    frames in 1..F * window_s."""
+    if window_s < 1 or int(window_s) != window_s:
+        raise ValueError(f"window_s must be a whole number of seconds >= 1, got {window_s}")
+    window = stream_fps * int(window_s)
+    if len(num_frozen) != len(fps) or not num_frozen:
+        raise ValueError("need one k and one fps per app (at least one app)")
+    ks = [int(k) for k in num_frozen]
+    for k in ks:
+        if not 0 <= k < num_layers:
+            raise ValueError(f"num_frozen {k} is outside [0, {num_layers - 1}]")
+    rates = []
+    for phi in fps:
+        r = float(phi) * window_s
+        if abs(r - round(r)) > 1e-9 or not 1 <= round(r) <= window:
+            raise ValueError(
+                f"fps {phi} is not a whole number of frames per {window_s} s window in "
+                f"1..{window}; use integer fps, or a longer window_s for fractional fps")
+        rates.append(int(round(r)))
+    points = sorted({k for k in ks if k > 0})
+    segments: list[Segment] = []
+    prev = np.arange(window)
+    start = 0
+    for end in points:
+        rate = max(r for k, r in zip(ks, rates, strict=True) if k >= end)
+        pos = even_subset(prev, rate)
+        segments.append(Segment(start, end, rate, tuple(int(p) for p in pos)))
+        prev, start = pos, end
+    sources, app_pos = [], []
+    for k, r in zip(ks, rates, strict=True):
+        src = points.index(k) if k > 0 else -1
+        base = np.arange(window) if src < 0 else np.asarray(segments[src].positions)
+        sources.append(src)
+        app_pos.append(tuple(int(p) for p in even_subset(base, r)))
+    return RuntimePlan(stream_fps, int(window_s), tuple(ks), tuple(rates), tuple(segments),
+                       tuple(sources), tuple(app_pos))
+
+
+def _window_indices(positions: Sequence[int], parent: Sequence[int], windows: int,
+                    parent_rate: int) -> np.ndarray:
+    """Rows of the parent's output [windows * len(parent)] holding ``positions``."""
+    local = np.array([list(parent).index(p) for p in positions])
+    return (np.arange(windows)[:, None] * parent_rate + local[None, :]).reshape(-1)
+
+
+class RunResult(NamedTuple):
+    frames: tuple[np.ndarray, ...]  # per app: stream frame indices it processed
+    logits: tuple[np.ndarray, ...]  # per app: its logit on each of those frames
+    wall_s: float  # time of the timed pass over the stream
+    frames_per_s: float  # stream frames processed per second of wall time
+
+
+class StemRuntime:
+    """Runs N apps' detectors over a stream with shared stems (see the module docstring).
+
+    Args:
+      model: the app network (one-logit head).
+      base_variables: the base network's variables; the stem uses its layers.
+      app_variables: per app, its full variables; layers below its k must equal the
+        base's (they are frozen), else it cannot share a stem: ``ValueError``.
+      num_frozen, fps: the schedule (fps * window_s whole numbers).
+      stream_fps: F.
+      windows_per_call: windows of stream per jitted call.
+      window_s: seconds per window.
+      mean, std: input normalisation.
+      batch_apps: vmap branches of apps with the same (k, fps). None (default): on any
+        backend but the CPU. On this 2-core CPU, XLA ran a vmap over stacked conv kernels
+        slower than separate convs (2 unshared apps: 1,440 frames/s vmapped against
+        4,183 looped, two short runs of ``benchmarks/mainstream_e2e_throughput.py
+        --[no]batch_apps`` in separate processes).
+      fused: one jitted function per call (default), or each stem segment and branch
+        group jitted alone and dispatched in turn.
+    """
+
+    def __init__(
+        self,
+        model: basenet.ChokepointNet,
+        base_variables: dict,
+        app_variables: Sequence[dict],
+        num_frozen: Sequence[int],
+        fps: Sequence[float],
+        *,
+        stream_fps: int,
+        windows_per_call: int,
+        window_s: int = 1,
+        mean: float,
+        std: float,
+        batch_apps: bool | None = None,
+        fused: bool = True,
+        check_frozen: bool = True,
+    ):
+        spec = model.spec
+        if len(app_variables) != len(num_frozen):
+            raise ValueError(f"{len(app_variables)} app variable sets for "
+                             f"{len(num_frozen)} apps")
+        if windows_per_call < 1:
+            raise ValueError(f"windows_per_call must be >= 1, got {windows_per_call}")
+        self.plan = make_plan(num_frozen, fps, stream_fps, spec.num_layers, window_s)
+        window = stream_fps * self.plan.window_s
+        if batch_apps is None:
+            batch_apps = jax.default_backend() != "cpu"
+        self.model = model
+        self.windows_per_call = windows_per_call
+        self.frames_per_call = windows_per_call * window
+        if check_frozen:
+            for i, (v, k) in enumerate(zip(app_variables, self.plan.num_frozen, strict=True)):
+                _check_frozen(i, v, base_variables, spec, k)
+        plan = self.plan
+        stem_end = max(plan.num_frozen)
+        stem_vars = basenet.select_layers(base_variables, spec, 0, stem_end)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip(plan.num_frozen, plan.fps, strict=True)):
+            groups.setdefault(key if batch_apps else (i, -1), []).append(i)
+        self.groups = tuple(tuple(g) for g in groups.values())
+        branch_vars = []
+        for g in self.groups:
+            k = plan.num_frozen[g[0]]
+            parts = [basenet.select_layers(app_variables[i], spec, k, spec.num_layers)
+                     for i in g]
+            branch_vars.append(jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
+        self._variables = (stem_vars, branch_vars)
+        w = windows_per_call
+        seg_index = []
+        parent, parent_rate = tuple(range(window)), window
+        for seg in plan.segments:
+            seg_index.append(jnp.asarray(_window_indices(seg.positions, parent, w,
+                                                         parent_rate)))
+            parent, parent_rate = seg.positions, seg.rate
+        group_index = []
+        for g in self.groups:
+            i = g[0]
+            src = plan.app_source[i]
+            par = tuple(range(window)) if src < 0 else plan.segments[src].positions
+            group_index.append(jnp.asarray(_window_indices(plan.app_positions[i], par, w,
+                                                           len(par))))
+
+        # The pieces of one call; `fused` jits them together, else each is jitted alone
+        # and dispatched in order (asynchronously), which keeps the cost of N apps N
+        # times one app's, as the cost model assumes (see the benchmark's README).
+        def normalize(frames):
+            return (frames.astype(jnp.float32) / 255.0 - mean) / std
+
+        def segment_fn(seg):
+            return lambda v, h, idx: model.apply(v, h[idx], seg.start, seg.end, False)
+
+        def group_fn(k):
+            one = lambda v, h: model.apply(v, h, k, None, False)[:, 0]  # noqa: E731
+            return lambda v, h, idx: jax.vmap(one, in_axes=(0, None))(v, h[idx])
+
+        seg_fns = [segment_fn(seg) for seg in plan.segments]
+        grp_fns = [group_fn(plan.num_frozen[g[0]]) for g in self.groups]
+        if not fused:
+            normalize = jax.jit(normalize)
+            seg_fns = [jax.jit(f) for f in seg_fns]
+            grp_fns = [jax.jit(f) for f in grp_fns]
+
+        def run_call(variables, frames):
+            stem_v, branch_v = variables
+            outs = [normalize(frames)]
+            for fn, idx in zip(seg_fns, seg_index, strict=True):
+                outs.append(fn(stem_v, outs[-1], idx))
+            return [fn(bv, outs[plan.app_source[g[0]] + 1], idx)
+                    for fn, g, bv, idx in zip(grp_fns, self.groups, branch_v, group_index,
+                                              strict=True)]
+
+        self._call = jax.jit(run_call) if fused else run_call
+
+    def app_frames(self, app: int, num_frames: int) -> np.ndarray:
+        """Stream frame indices app ``app`` processes in a stream of ``num_frames``."""
+        f = self.plan.stream_fps * self.plan.window_s
+        windows = num_frames // f
+        pos = np.asarray(self.plan.app_positions[app])
+        return (np.arange(windows)[:, None] * f + pos[None, :]).reshape(-1)
+
+    def call(self, frames: jax.Array) -> list[jax.Array]:
+        """One jitted call on ``frames_per_call`` frames; logits per group [G_i, n]."""
+        return self._call(self._variables, frames)
+
+    def run(self, frames: np.ndarray, *, warmup: int = 1) -> RunResult:
+        """Runs every app over a stream (whole calls only; a tail shorter than one call is
+        an error) and measures frames/s: the frames are put on the device first, the
+        calls are dispatched back to back and the clock stops at ``block_until_ready``."""
+        n = frames.shape[0]
+        if n == 0 or n % self.frames_per_call:
+            raise ValueError(f"the stream has {n} frames; give a positive multiple of "
+                             f"{self.frames_per_call} (windows_per_call * window_s * "
+                             "stream_fps)")
+        chunks = [jax.device_put(frames[i:i + self.frames_per_call])
+                  for i in range(0, n, self.frames_per_call)]
+        for _ in range(warmup):
+            jax.block_until_ready(self.call(chunks[0]))
+        start = time.perf_counter()
+        outs = [self.call(c) for c in chunks]
+        jax.block_until_ready(outs)
+        wall = time.perf_counter() - start
+        num_apps = len(self.plan.num_frozen)
+        per_app: list[np.ndarray] = [np.empty(0)] * num_apps
+        host = jax.device_get(outs)
+        for gi, g in enumerate(self.groups):
+            stacked = np.concatenate([o[gi] for o in host], axis=1)  # [G, n_frames]
+            for row, i in enumerate(g):
+                per_app[i] = stacked[row]
+        frames_idx = tuple(self.app_frames(i, n) for i in range(num_apps))
+        return RunResult(frames_idx, tuple(per_app), wall, n / wall)
+
+    def time_calls(self, frames: jax.Array, repeats: int) -> np.ndarray:
+        """Wall time of ``repeats`` single calls on one chunk (block_until_ready each)."""
+        out = np.empty(repeats)
+        for r in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(self.call(frames))
+            out[r] = time.perf_counter() - start
+        return out
+
+
+def _check_frozen(app: int, variables: dict, base: dict, spec: basenet.NetSpec, k: int):
+    frozen = basenet.select_layers(variables, spec, 0, k)
+    ref = basenet.select_layers(base, spec, 0, k)
+    a_leaves = jax.tree.leaves_with_path(frozen)
+    b_leaves = dict(jax.tree.leaves_with_path(ref))
+    if len(a_leaves) != len(b_leaves):
+        raise ValueError(f"app {app}: its layers below k={k} do not match the base network's")
+    for path, leaf in a_leaves:
+        if path not in b_leaves or not np.array_equal(np.asarray(leaf),
+                                                      np.asarray(b_leaves[path])):
+            raise ValueError(
+                f"app {app}: {jax.tree_util.keystr(path)} differs from the base network, so "
+                f"its first k={k} layers are not frozen and it cannot share the stem"
+            )
