@@ -5,9 +5,10 @@ two gradients dominate a small convnet's train step (measured in
 `benchmarks/cpu_train_step.py`, results in `benchmarks/results/cpu_train_step/`):
 
 * max pool: XLA differentiates `reduce_window(max)` into `select_and_scatter`, which
-  costs 60x the pool's forward pass here. `max_pool` below reshapes non-overlapping
-  windows and routes each window's gradient to its first maximum with elementwise ops:
-  exactly `select_and_scatter`'s result (ties included), at about 2x the forward.
+  costs 60x the pool's forward pass here. `max_pool` keeps XLA's forward and, for the
+  gradient, reshapes the non-overlapping windows and routes each window's gradient to
+  its first maximum with elementwise ops: exactly `select_and_scatter`'s result (ties
+  included), about 13x cheaper (batch 128: 61 -> 4.6 ms at 28x28x32).
 * conv kernel gradient: XLA's backprop-filter convolution over a whole batch runs 2-4x
   slower than over the same batch cut into cache-sized chunks (its working set, not
   its arithmetic, is the problem). `conv2d` keeps XLA's forward and input-gradient
@@ -55,16 +56,16 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def same_padding(size: int, window: int, stride: int) -> tuple[int, tuple[int, int]]:
-    """Output size and (before, after) padding of a 'SAME' window, as XLA pads it."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + window - size, 0)
-    return out, (total // 2, total - total // 2)
-
-
-def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+def _xla_conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], feature_group_count: int = 1
+) -> jax.Array:
     return lax.conv_general_dilated(
-        x, kernel, strides, "SAME", dimension_numbers=_DIMENSION_NUMBERS
+        x,
+        kernel,
+        strides,
+        "SAME",
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=feature_group_count,
     )
 
 
@@ -138,14 +139,7 @@ def conv2d(
         strides = (strides, strides)
     strides = tuple(int(s) for s in strides)
     if resolve_impl(impl) == "xla" or feature_group_count != 1:
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            strides,
-            "SAME",
-            dimension_numbers=_DIMENSION_NUMBERS,
-            feature_group_count=feature_group_count,
-        )
+        return _xla_conv(x, kernel, strides, feature_group_count)
     return _cpu_conv(x, kernel, strides)
 
 
