@@ -30,7 +30,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.configs import fashion_mnist
-from sb_jax import steps, train
+from sb_jax import metrics_io, steps, train
 from sb_jax.models import create_model, op_profile
 
 MODELS = {
@@ -159,8 +159,7 @@ def epoch_times(epochs):
         workdir = tempfile.mkdtemp(prefix=f"cpu_step_{ops}_")
         try:
             summary = train.train_and_evaluate(config, workdir)
-            with open(os.path.join(workdir, "metrics.jsonl")) as f:
-                curve = [json.loads(line) for line in f]
+            curve = metrics_io.read_metrics(workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         walls = [row["wall_s"] for row in curve]

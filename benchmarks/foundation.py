@@ -18,7 +18,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.configs import fashion_mnist
-from sb_jax import config_lib, costs, train
+from sb_jax import config_lib, costs, metrics_io, train
 from sb_jax.models import create_model
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
@@ -36,8 +36,7 @@ def main(argv):
     workdir = tempfile.mkdtemp(prefix="foundation_")
     try:
         summary = train.train_and_evaluate(config, workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            curve = [json.loads(line) for line in f]
+        curve = metrics_io.read_metrics(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
