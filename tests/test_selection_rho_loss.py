@@ -122,14 +122,19 @@ def noisy_digits():
     return load_dataset("digits", label_noise=0.3, validation_size=300, seed=0)
 
 
-def test_irreducible_losses_flag_the_mislabeled_examples(noisy_digits):
-    ds = noisy_digits
-    model = create_model("small_cnn", ds.num_classes)
-    kwargs = dict(
+def _training_kwargs(ds):
+    """The irreducible-loss model's data and a small, quick training setting."""
+    return dict(
         heldout_images=ds.val_images, heldout_labels=ds.val_labels,
         train_images=ds.train_images, train_labels=ds.train_labels, mean=ds.mean, std=ds.std,
         num_epochs=4, batch_size=32, learning_rate=0.05, eval_batch_size=256,
     )
+
+
+def test_irreducible_losses_flag_the_mislabeled_examples(noisy_digits):
+    ds = noisy_digits
+    model = create_model("small_cnn", ds.num_classes)
+    kwargs = _training_kwargs(ds)
     losses = irreducible_loss.irreducible_losses(model, key=jax.random.key(0), **kwargs)
     assert losses.shape == (ds.num_train,) and losses.dtype == np.float32
     assert np.all(np.isfinite(losses)) and np.all(losses >= 0)
@@ -142,12 +147,7 @@ def test_irreducible_losses_flag_the_mislabeled_examples(noisy_digits):
 def test_cosine_schedule_and_flips_are_used_and_deterministic(noisy_digits):
     ds = noisy_digits
     model = create_model("small_cnn", ds.num_classes)
-    kwargs = dict(
-        heldout_images=ds.val_images, heldout_labels=ds.val_labels,
-        train_images=ds.train_images, train_labels=ds.train_labels, mean=ds.mean, std=ds.std,
-        num_epochs=4, batch_size=32, learning_rate=0.05, eval_batch_size=256,
-        key=jax.random.key(0),
-    )
+    kwargs = dict(_training_kwargs(ds), key=jax.random.key(0))
     plain = irreducible_loss.irreducible_losses(model, **kwargs)
     cosine = irreducible_loss.irreducible_losses(model, lr_schedule="cosine", **kwargs)
     flipped = irreducible_loss.irreducible_losses(model, lr_schedule="cosine", flip=True,
