@@ -105,6 +105,91 @@ class MaxPoolTest(parameterized.TestCase):
             fast_ops.max_pool(jnp.ones((1, 1, 4, 1)), 2, impl="cpu")
 
 
+class BatchNormReLUTest(parameterized.TestCase):
+    """`layers.BatchNormReLU` is `nn.relu(nn.BatchNorm(...))`: values, gradients, state."""
+
+    def _inputs(self, shape):
+        key_x, key_w = jax.random.split(jax.random.key(3))
+        x = 1.5 * jax.random.normal(key_x, shape) + 0.2
+        channels = shape[-1]
+        # Negative scales flip which side of the mean ReLU keeps: both signs are covered.
+        params = {"scale": jnp.linspace(-1.0, 2.0, channels),
+                  "bias": jnp.linspace(-0.3, 0.3, channels)}
+        stats = {"mean": jnp.linspace(-0.1, 0.1, channels), "var": jnp.linspace(0.5, 2.0, channels)}
+        return x, jax.random.normal(key_w, shape), params, stats
+
+    def test_variables_are_batch_norms(self):
+        x = jnp.ones((2, 5, 5, 3))
+        want = layers.batch_norm(True).init(jax.random.key(0), x)
+        got = layers.batch_norm_relu(True).init(jax.random.key(0), x)
+        self.assertEqual(jax.tree.structure(got), jax.tree.structure(want))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(g, w)
+            self.assertEqual(g.dtype, w.dtype)
+
+    @parameterized.product(ops=["xla", "cpu"], shape=[(8, 7, 7, 4), (3, 5, 6, 5), (64, 2)])
+    def test_training_matches_flax(self, ops, shape):
+        x, weights, params, stats = self._inputs(shape)
+        flax_bn = layers.batch_norm(True)
+        ours = layers.batch_norm_relu(True, ops=ops)
+
+        def loss(module, relu):
+            def fn(p, inputs):
+                y, new = module.apply({"params": p, "batch_stats": stats}, inputs,
+                                      mutable=["batch_stats"])
+                y = nn.relu(y) if relu else y
+                return jnp.sum(y * weights), (y, new["batch_stats"])
+            return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
+
+        (l_want, (y_want, s_want)), g_want = loss(flax_bn, True)(params, x)
+        (l_got, (y_got, s_got)), g_got = loss(ours, False)(params, x)
+        np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(l_got, l_want, rtol=1e-5, atol=1e-4)
+        for got, want in zip(jax.tree.leaves((g_got, s_got)), jax.tree.leaves((g_want, s_want)),
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    @parameterized.parameters("xla", "cpu")
+    def test_eval_uses_running_statistics(self, ops):
+        x, _, params, stats = self._inputs((4, 5, 5, 3))
+        variables = {"params": params, "batch_stats": stats}
+        want = nn.relu(layers.batch_norm(False).apply(variables, x))
+        got = layers.batch_norm_relu(False, ops=ops).apply(variables, x)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    def test_custom_backward_is_a_full_vjp(self):
+        # Cotangents on the batch mean and variance too (zero in training, where they only
+        # feed running averages): the hand-written backward must still be the exact VJP.
+        x, dy, params, _ = self._inputs((6, 4, 4, 3))
+        args = (x, params["scale"], params["bias"])
+        want_out, want_vjp = jax.vjp(
+            lambda *a: fast_ops.batch_norm_relu(*a, 1e-5, impl="xla"), *args)
+        got_out, got_vjp = jax.vjp(
+            lambda *a: fast_ops.batch_norm_relu(*a, 1e-5, impl="cpu"), *args)
+        cotangents = (dy, jnp.array([0.3, -1.0, 2.0]), jnp.array([1.5, 0.2, -0.7]))
+        for got, want in zip(jax.tree.leaves((got_out, got_vjp(cotangents))),
+                             jax.tree.leaves((want_out, want_vjp(cotangents))), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    def test_bfloat16_keeps_float32_statistics(self):
+        x, _, params, stats = self._inputs((4, 5, 5, 3))
+        variables = {"params": params, "batch_stats": stats}
+        x16 = x.astype(jnp.bfloat16)
+        evaluated = layers.batch_norm_relu(False, dtype=jnp.bfloat16).apply(variables, x16)
+        y, new = layers.batch_norm_relu(True, dtype=jnp.bfloat16, ops="cpu").apply(
+            variables, x16, mutable=["batch_stats"])
+        flax_y, flax_new = nn.BatchNorm(
+            use_running_average=False, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
+            dtype=jnp.bfloat16).apply(variables, x16, mutable=["batch_stats"])
+        self.assertEqual(y.dtype, jnp.bfloat16)
+        self.assertEqual(evaluated.dtype, jnp.bfloat16)
+        self.assertEqual(new["batch_stats"]["mean"].dtype, jnp.float32)
+        np.testing.assert_allclose(y.astype(jnp.float32), nn.relu(flax_y).astype(jnp.float32),
+                                   rtol=1e-2, atol=1e-2)
+        for got, want_leaf in zip(jax.tree.leaves(new), jax.tree.leaves(flax_new), strict=True):
+            np.testing.assert_allclose(got, want_leaf, rtol=1e-5, atol=1e-6)
+
+
 class ImplTest(parameterized.TestCase):
     def test_auto_resolves_by_backend(self):
         want = "cpu" if jax.default_backend() == "cpu" else "xla"

@@ -182,7 +182,10 @@ def test_every_parameter_gets_a_gradient(probe):
 
 
 def test_batch_norm_matches_numpy_reference():
-    """First conv -> BN of the small CNN against a NumPy BatchNorm, in both modes."""
+    """First conv -> BN -> ReLU of the small CNN against NumPy, in both modes.
+
+    The small CNN's `bn_0` is `layers.BatchNormReLU`, so its output is after the ReLU.
+    """
     model, variables, x = _init("small_cnn", dict(widths=(6,), dense_width=8), (8, 8, 1))
     rng = np.random.default_rng(0)
     old_mean = rng.normal(size=6).astype(np.float32)
@@ -211,7 +214,7 @@ def test_batch_norm_matches_numpy_reference():
     bn_out = np.asarray(state["intermediates"]["bn_0"]["__call__"][0])
     batch_mean = conv_out.mean(axis=(0, 1, 2))
     batch_var = conv_out.var(axis=(0, 1, 2))  # biased, as flax folds it in
-    expected = (conv_out - batch_mean) / np.sqrt(batch_var + eps) * scale + bias
+    expected = np.maximum((conv_out - batch_mean) / np.sqrt(batch_var + eps) * scale + bias, 0)
     np.testing.assert_allclose(bn_out, expected, rtol=1e-4, atol=1e-4)
     new_stats = state["batch_stats"]["bn_0"]
     np.testing.assert_allclose(
@@ -224,7 +227,7 @@ def test_batch_norm_matches_numpy_reference():
     _, state = run(train=False)
     conv_out = np.asarray(state["intermediates"]["conv_0"]["__call__"][0], np.float64)
     bn_out = np.asarray(state["intermediates"]["bn_0"]["__call__"][0])
-    expected = (conv_out - old_mean) / np.sqrt(old_var + eps) * scale + bias
+    expected = np.maximum((conv_out - old_mean) / np.sqrt(old_var + eps) * scale + bias, 0)
     np.testing.assert_allclose(bn_out, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(state["batch_stats"]["bn_0"]["mean"], old_mean)
     np.testing.assert_array_equal(state["batch_stats"]["bn_0"]["var"], old_var)

@@ -115,6 +115,52 @@ def batch_norm(train: bool, *, dtype: Dtype = jnp.float32, name: str | None = No
     )
 
 
+class BatchNormReLU(nn.Module):
+    """`nn.relu(nn.BatchNorm(...)(x))` with the same variables and function, in one module.
+
+    Parameters (`scale`, `bias`) and statistics (`batch_stats/mean`, `/var`) are named
+    and updated exactly as `nn.BatchNorm`'s, so checkpoints move freely between the two.
+    In training, `ops` picks the formulation of the batch-statistics pass
+    (`fast_ops.batch_norm_relu`): on the CPU a hand-written backward pass.
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Dtype = jnp.float32
+    ops: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if self.use_running_average:
+            y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            return nn.relu(jnp.asarray(y, self.dtype))
+        y, mean, var = fast_ops.batch_norm_relu(x, scale, bias, self.epsilon, impl=self.ops)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+        return jnp.asarray(y, self.dtype)
+
+
+def batch_norm_relu(
+    train: bool, *, dtype: Dtype = jnp.float32, ops: str = "auto", name: str | None = None
+) -> BatchNormReLU:
+    """`batch_norm` followed by ReLU, as one module with `batch_norm`'s variables."""
+    return BatchNormReLU(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        ops=ops,
+        name=name,
+    )
+
+
 head = functools.partial(
     nn.Dense, kernel_init=head_kernel_init, bias_init=nn.initializers.zeros, name=HEAD_NAME
 )

@@ -30,8 +30,7 @@ class BasicBlock(nn.Module):
         y = layers.conv(
             self.features, 3, self.strides, dtype=self.dtype, ops=self.ops, name="conv_0"
         )(x)
-        y = layers.batch_norm(train, dtype=self.dtype, name="bn_0")(y)
-        y = nn.relu(y)
+        y = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name="bn_0")(y)
         y = layers.conv(self.features, 3, dtype=self.dtype, ops=self.ops, name="conv_1")(y)
         y = layers.batch_norm(train, dtype=self.dtype, name="bn_1")(y)
         shortcut = x
@@ -70,8 +69,7 @@ class ResNet18(nn.Module):
         layers.check_images(x, type(self).__name__)
         x = x.astype(self.dtype)
         x = layers.conv(self.channels(64), 3, dtype=self.dtype, ops=self.ops, name="stem_conv")(x)
-        x = layers.batch_norm(train, dtype=self.dtype, name="stem_bn")(x)
-        x = nn.relu(x)
+        x = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name="stem_bn")(x)
         for stage, (base, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True)):
             for block in range(BLOCKS_PER_STAGE):
                 x = BasicBlock(

@@ -75,8 +75,7 @@ class SmallCNN(nn.Module):
             x = layers.conv(
                 width, 3, 1 if use_pool else 2, dtype=self.dtype, ops=self.ops, name=f"conv_{i}"
             )(x)
-            x = layers.batch_norm(train, dtype=self.dtype, name=f"bn_{i}")(x)
-            x = nn.relu(x)
+            x = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name=f"bn_{i}")(x)
             if use_pool:
                 x = fast_ops.max_pool(x, 2, impl=self.ops)
         x = x.reshape((x.shape[0], -1))

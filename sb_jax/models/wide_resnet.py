@@ -44,7 +44,7 @@ class WideBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        preact = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn_0")(x))
+        preact = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name="bn_0")(x)
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = layers.conv(
                 self.features, 1, self.strides, dtype=self.dtype, ops=self.ops, name="proj_conv"
@@ -54,7 +54,7 @@ class WideBasicBlock(nn.Module):
         y = layers.conv(
             self.features, 3, self.strides, dtype=self.dtype, ops=self.ops, name="conv_0"
         )(preact)
-        y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn_1")(y))
+        y = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name="bn_1")(y)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = layers.conv(self.features, 3, dtype=self.dtype, ops=self.ops, name="conv_1")(y)
         return y + shortcut
@@ -100,7 +100,7 @@ class WideResNet(nn.Module):
                     ops=self.ops,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)
-        x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="final_bn")(x))
+        x = layers.batch_norm_relu(train, dtype=self.dtype, ops=self.ops, name="final_bn")(x)
         features = jnp.mean(x, axis=(1, 2))
         logits = layers.head(self.num_classes, dtype=self.dtype)(features)
         return layers.finish(logits, features, return_features)
