@@ -61,10 +61,13 @@ ADAPT_VARIANTS = {
 }
 
 
-def epoch_cost_model(runs, step_costs, skip_epochs: int = 1) -> dict:
-    """Measured vs. predicted seconds per epoch, over the epochs after priming."""
+def epoch_cost_model(runs, run_costs, skip_epochs: int = 1) -> dict:
+    """Measured vs. predicted seconds per epoch, over the epochs after priming.
+
+    `run_costs[i]` are the step costs measured next to run `runs[i]` (see `main`).
+    """
     measured, predicted = [], []
-    for records in runs:
+    for records, step_costs in zip(runs, run_costs, strict=True):
         for prev, cur in zip(records, records[1:], strict=False):
             if cur["epoch"] <= skip_epochs:
                 continue
@@ -76,6 +79,11 @@ def epoch_cost_model(runs, step_costs, skip_epochs: int = 1) -> dict:
         return {}
     m, p = statistics.mean(measured), statistics.mean(predicted)
     return {"measured_epoch_s": m, "predicted_epoch_s": p, "measured_over_predicted": m / p}
+
+
+def _mean_costs(samples):
+    return {key: statistics.mean(sample[key] for sample in samples)
+            for key, value in samples[0].items() if isinstance(value, float)}
 
 
 def main(argv):
@@ -101,21 +109,27 @@ def main(argv):
         "/tmp", "sb_bench_" + os.path.basename(os.path.normpath(_OUT.value)))
 
     model = create_model(base.model, 10, **config_lib.model_kwargs(base))
-    # Costs are measured before each seed's runs and after the last, and averaged, so the
-    # cost model sees the machine in the state the runs saw it.
-    cost_samples, runs = [], {name: [] for name in variants}
-    for seed in seeds:
-        cost_samples.append(costs.measure_step_costs(model, (28, 28, 1),
-                                                     batch_size=base.batch_size))
-        for name, records in comparison.run_variants(base, variants, [seed], workdir).items():
-            runs[name].extend(records)
-    cost_samples.append(costs.measure_step_costs(model, (28, 28, 1), batch_size=base.batch_size))
-    step_costs = {key: statistics.mean(sample[key] for sample in cost_samples)
-                  for key in cost_samples[0] if key != "backend"}
+
+    # The machine's speed drifts (other jobs, thermal state), so the step costs are
+    # measured just before every run and once after the last; each run's cost model uses
+    # the mean of the measurements on either side of it.
+    cost_samples = []
+
+    def measure_costs(name=None, seed=None):
+        sample = costs.measure_step_costs(model, (28, 28, 1), batch_size=base.batch_size)
+        cost_samples.append({"before_run": name, "seed": seed, **sample})
+
+    runs = comparison.run_variants(base, variants, seeds, workdir, before_each=measure_costs)
+    measure_costs()
+    order = [(seed, name) for seed in seeds for name in variants]
+    run_costs = {name: [] for name in variants}
+    for i, (_, name) in enumerate(order):
+        run_costs[name].append(_mean_costs(cost_samples[i:i + 2]))
+    step_costs = _mean_costs(cost_samples)
     step_costs["samples"] = cost_samples
     result = comparison.compare(runs)
     for name, summary in result["policies"].items():
-        summary["cost_model"] = epoch_cost_model(runs[name], step_costs)
+        summary["cost_model"] = epoch_cost_model(runs[name], run_costs[name])
         for key in ("mislabeled_backward_fraction", "selected_mislabeled_fraction"):
             shares = [r[-1].get(key) for r in runs[name]]
             if all(s is not None for s in shares):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -25,11 +25,14 @@ def run_variants(
     variants: Mapping[str, Mapping[str, Any]],
     seeds: Sequence[int],
     workdir: str,
+    before_each: Callable[[str, int], None] | None = None,
 ) -> dict[str, list[list[dict]]]:
     """Trains every variant (config overrides) for every seed; returns their records.
 
     Seeds are the outer loop, so each seed's variants run back to back: on a shared,
     noisy machine their wall-clock times are then measured under similar conditions.
+    `before_each(name, seed)`, if given, is called just before each run starts (e.g. to
+    measure the machine's step costs next to the run they will be compared with).
     """
     runs: dict[str, list[list[dict]]] = {name: [] for name in variants}
     for seed in seeds:
@@ -40,6 +43,8 @@ def run_variants(
             config.seed = seed
             run_dir = os.path.join(workdir, f"{name}_seed{seed}")
             logging.info("=== %s, seed %d -> %s", name, seed, run_dir)
+            if before_each is not None:
+                before_each(name, seed)
             train.train_and_evaluate(config, run_dir)
             runs[name].append(metrics_io.read_metrics(run_dir))
     return runs
