@@ -387,8 +387,14 @@ def make_step_fns(
         lr = lr_schedule(epoch + jnp.minimum(state.cursor * chunk_size, num_train) / num_train)
         # Computed unconditionally at the top level (see the module docstring), kept only
         # when a batch was due; otherwise every leaf keeps its old value.
-        trained = train_from_queue(state, data, lr, images_of)
-        state = jax.tree.map(lambda new, old: jnp.where(do_train, new, old), trained, state)
+        # A zero learning rate leaves the parameters bitwise unchanged (p - 0 * d == p for
+        # the finite d of a masked-out batch), so only the rest of the state needs the
+        # select: it is the smaller part, and the select over the parameters cost a full
+        # extra pass over them per step.
+        trained = train_from_queue(state, data, jnp.where(do_train, lr, 0.0), images_of)
+        kept = jax.tree.map(lambda new, old: jnp.where(do_train, new, old),
+                            trained._replace(params=None), state._replace(params=None))
+        state = kept._replace(params=trained.params)
         done = exhausted & (state.queue.size < batch_size)
         if flush:
             done &= state.queue.size == 0
