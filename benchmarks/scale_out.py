@@ -46,6 +46,12 @@ _DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "digi
 _TRAIN_SUBSET = flags.DEFINE_integer("train_subset", 8192, "Training examples.")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "Timed epochs, after one warm-up epoch.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
+_MODEL_OPS = flags.DEFINE_enum(
+    "model_ops", "auto", ["auto", "cpu", "xla"],
+    "config.model_ops. On the CPU 'auto' is 'cpu', whose kernel gradient sums over batch "
+    "slices that cross device boundaries (GSPMD moves them: collective-permutes); 'xla' is "
+    "what GPUs and TPUs run. Other than 'auto', it is part of the output file's name.",
+)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
@@ -124,6 +130,7 @@ def measure(num_devices: int, scope: str) -> dict:
     config.num_devices = num_devices
     config.selection_scope = scope
     config.tensorboard = False
+    config.model_ops = _MODEL_OPS.value
     run = train.setup_run(config)
     state = run.fresh_state()
     ids, valid, cursor, ep = train.epoch_inputs(run, 0)
@@ -175,13 +182,15 @@ def main(argv):
         results.append(measure(_NUM_DEVICES.value, scope))
     os.makedirs(_OUT.value, exist_ok=True)
     platform = jax.devices()[0].platform
-    path = os.path.join(_OUT.value, f"scale_out_{platform}.json")
+    suffix = "" if _MODEL_OPS.value == "auto" else f"_{_MODEL_OPS.value}_ops"
+    path = os.path.join(_OUT.value, f"scale_out_{platform}{suffix}.json")
     with open(path, "w") as f:
         json.dump({
             "command": "python -m benchmarks.scale_out " + " ".join(sys.argv[1:]),
             "platform": platform, "device_kind": jax.devices()[0].device_kind,
             "selector": _SELECTOR.value, "dataset": _DATASET.value,
-            "train_subset": _TRAIN_SUBSET.value, "results": results,
+            "train_subset": _TRAIN_SUBSET.value, "model_ops": _MODEL_OPS.value,
+            "results": results,
         }, f, indent=1)
     print(path)
     for r in results:

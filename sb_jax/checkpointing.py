@@ -46,6 +46,22 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
 
+    def latest_extra(self) -> dict[str, Any] | None:
+        """The host-side extras of the newest checkpoint (not its state), or None.
+
+        Cheap, and readable whatever layout the state was written with, so a run can
+        check that it is able to use a checkpoint before restoring it.
+        """
+        epoch = self._manager.latest_step()
+        if epoch is None:
+            return None
+        try:
+            restored = self._manager.restore(
+                epoch, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types; all mean the same to a user
+            raise _unusable(os.path.join(self.directory, str(epoch)), e) from e
+        return dict(restored.extra)
+
     def restore_latest(
         self, abstract_state: Any, shardings: Any = None
     ) -> tuple[Any, int, dict[str, Any]] | None:
@@ -76,17 +92,21 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax raises many types; all mean the same to a user
-            raise CheckpointError(
-                f"cannot restore the checkpoint {path} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupted or was written "
-                "by an incompatible model/selector/version. Delete that directory to resume "
-                "from an earlier checkpoint, or use a new --workdir to start over."
-            ) from e
+            raise _unusable(path, e) from e
         _check_structure(restored.state, abstract_state, path)
         return restored.state, int(epoch), dict(restored.extra)
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _unusable(path: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot restore the checkpoint {path} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupted or was written "
+        "by an incompatible model/selector/version. Delete that directory to resume "
+        "from an earlier checkpoint, or use a new --workdir to start over."
+    )
 
 
 def _check_structure(restored: Any, abstract: Any, path: str) -> None:

@@ -315,8 +315,12 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    # Written whole, then renamed: on many hosts the other processes read this file
+    # (check_resumable) while process 0 may be writing it, and must never see half of it.
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -285,6 +285,41 @@ def epoch_inputs(run: Run, epoch: int):
             parallel.put(np.int32(epoch), parallel.replicated(run.mesh)))
 
 
+# Checkpoint extra: how many per-device selection states the saved state holds.
+SELECTION_SHARDS = "selection_shards"
+
+
+def check_checkpoint_shards(ckpt: checkpointing.Checkpointer, num_shards: int,
+                            num_devices: int) -> None:
+    """Refuses a checkpoint whose per-shard selection state has another device count.
+
+    Per-shard selection keeps a policy state (loss history, key, per-example caches of
+    its own ids), a queue and a cursor per device; they have no meaning on another
+    number of devices, so such a run resumes only on the device count it was saved on.
+    ``config.num_devices=0`` (every device) passes ``check_resumable`` whatever the
+    count, hence this check. Global selection (one shard) reshards freely.
+    """
+    extra = ckpt.latest_extra()
+    if extra is None or SELECTION_SHARDS not in extra:  # no checkpoint, or an older one
+        return
+    saved = int(extra[SELECTION_SHARDS])
+    if saved == num_shards:
+        return
+    path = os.path.join(ckpt.directory, str(ckpt.latest_epoch()))
+    if saved > 1:
+        wrote = f"per_shard selection on {saved} devices"
+        why = (f"it holds one policy state, queue and cursor per device, so it resumes only "
+               f"with the same config on {saved} devices")
+    else:
+        wrote = "one selection state (global selection, or a single device)"
+        why = "per_shard selection needs one per device; resume it with a single device"
+    raise checkpointing.CheckpointError(
+        f"the checkpoint {path} was written with {wrote}, but this run has "
+        f"{num_devices} device(s) with {num_shards} selection shard(s): {why}, or use a "
+        "new --workdir to start over."
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config``, writing metrics, checkpoints and plots to ``workdir``.
 
@@ -307,7 +342,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
-    restored = ckpt.restore_latest(run.abstract_state, run.shardings)
+    try:
+        check_checkpoint_shards(ckpt, num_shards, num_devices)
+        restored = ckpt.restore_latest(run.abstract_state, run.shardings)
+    except BaseException:
+        ckpt.close()  # an open manager left behind makes orbax's threads fail at exit
+        raise
     if restored is None:
         state = run.fresh_state()
         start_epoch, wall_s = 0, 0.0
@@ -399,7 +439,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 epoch_start_counters = now_counters
             if (epoch + 1) % config.checkpoint_every == 0 or is_last:
                 ckpt.save(epoch + 1, state,
-                          {"wall_s": wall_s, "irreducible_model_wall_s": irreducible_s})
+                          {"wall_s": wall_s, "irreducible_model_wall_s": irreducible_s,
+                           SELECTION_SHARDS: num_shards})
     finally:
         if writer is not None:
             writer.close()

@@ -7,12 +7,17 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (or under
   python -m tests.multidevice_driver equality OUT.json sb stale_sb kath18 adapt_sb
   python -m tests.multidevice_driver per_shard OUT.json
   python -m tests.multidevice_driver checkpoint OUT.json WORKDIR
-  python -m tests.multidevice_driver distributed OUT.json WORKDIR ADDRESS NPROC PID
+  python -m tests.multidevice_driver distributed OUT.json WORKDIR ADDRESS NPROC PID [CRASH]
+
+With CRASH = k the process dies (``os._exit``, no clean-up) right after the checkpoint
+of epoch k is on disk, as a host does when it goes down; :func:`train_flags` gives the
+``experiments.train`` command line that resumes that run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -36,6 +41,27 @@ def small_config(**overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def distributed_config():
+    """The config the two-process runs train (every process the same)."""
+    return selector_config("stale_sb", num_devices=0, num_epochs=2, staleness=2)
+
+
+def train_flags(config) -> list[str]:
+    """``experiments.train`` arguments that rebuild ``config`` from the digits config file.
+
+    Every field that differs from the file's becomes a ``--config.NAME=VALUE`` override,
+    so the command line trains exactly what the driver trains.
+    """
+    from experiments.configs import digits
+
+    base = digits.get_config()
+    flags = ["--config=experiments/configs/digits.py"]
+    for name, value in sorted(config.items()):
+        if value != base[name]:
+            flags.append(f"--config.{name}={value}")
+    return flags
 
 
 def selector_config(selector: str, **overrides):
@@ -145,7 +171,8 @@ def per_shard(out: str) -> None:
 
 
 def checkpoint(out: str, workdir: str) -> None:
-    """Writes a checkpoint on 8 devices and restores it on 8, 2 and 1 (and resumes on 2)."""
+    """Writes a checkpoint on 8 devices and restores it on 8, 2 and 1 (and resumes on 2);
+    then a per-shard run resumed on its own 8 devices (:func:`per_shard_resume`)."""
     from sb_jax import checkpointing, metrics_io, train
 
     config = selector_config("stale_sb", num_devices=8, num_epochs=2, staleness=2)
@@ -189,11 +216,91 @@ def checkpoint(out: str, workdir: str) -> None:
     state, _, _ = ckpt.restore_latest(run.abstract_state, run.shardings)
     ckpt.close()
     np.save(f"{workdir}/params_epoch3.npy", flat_params(state))
+    result["per_shard"] = per_shard_resume(f"{workdir}/per_shard")
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-def distributed(out: str, workdir: str, address: str, num_processes: int, pid: int) -> None:
+def per_shard_config(**overrides):
+    """A per-shard run on every visible device (``num_devices=0``)."""
+    return selector_config("sb", num_devices=0, selection_scope="per_shard", **overrides)
+
+
+def per_shard_resume(workdir: str) -> dict:
+    """A per-shard run cut back to its epoch-1 checkpoint and resumed (same devices),
+    next to the straight run it was copied from.
+
+    The copy without its epoch-2 checkpoint is the workdir of a run killed during epoch
+    2 (its metrics still hold the epoch-2 record, which a resume must drop), at the
+    cost of one training run less. Leaves ``{workdir}/resumed`` with its epoch-2
+    checkpoint for the test to try on one device.
+    """
+    import shutil
+
+    from sb_jax import checkpointing, metrics_io, train
+
+    resumed, straight = f"{workdir}/resumed", f"{workdir}/straight"
+    train.train_and_evaluate(per_shard_config(num_epochs=2), straight)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(f"{resumed}/checkpoints/2")
+    train.train_and_evaluate(per_shard_config(num_epochs=2), resumed)
+    run = train.setup_run(per_shard_config())
+    final = {}
+    for name, path in (("resumed", resumed), ("straight", straight)):
+        ckpt = checkpointing.Checkpointer(f"{path}/checkpoints")
+        state, epoch, extra = ckpt.restore_latest(run.abstract_state, run.shardings)
+        ckpt.close()
+        final[name] = {
+            "epoch": epoch, "params": flat_params(state), "counters": counters(state),
+            "selection_shards": extra[train.SELECTION_SHARDS],
+            "metrics": metrics_io.read_metrics(path),
+        }
+    r, s = final["resumed"], final["straight"]
+
+    def deterministic(records):
+        return [{k: v for k, v in rec.items() if "wall_s" not in k} for rec in records]
+
+    return {
+        # Epoch 1's record, wall time included, is the copied one: the run resumed from
+        # the checkpoint rather than starting over (which would also end the same).
+        "kept_epoch1_record": r["metrics"][0] == s["metrics"][0],
+        "rewrote_epoch2_record": r["metrics"][1]["wall_s"] != s["metrics"][1]["wall_s"],
+        "epochs": [m["epoch"] for m in r["metrics"]],
+        "final_epoch": r["epoch"],
+        "selection_shards": r["selection_shards"],
+        "same_metrics": deterministic(r["metrics"]) == deterministic(s["metrics"]),
+        "same_counters": r["counters"] == s["counters"],
+        "params_equal": bool(np.array_equal(r["params"], s["params"])),
+        "examples_selected": r["counters"]["examples_selected"],
+        "examples_seen": r["counters"]["examples_seen"],
+    }
+
+
+def _crash_after_checkpoint(epoch: int, out: str) -> None:
+    """Makes this process die right after the checkpoint of ``epoch`` is written.
+
+    ``os._exit`` skips every clean-up (no ``jax.distributed.shutdown``, no orbax close),
+    like a host that loses power; ``out`` records that it got there.
+    """
+    import jax
+
+    from sb_jax import checkpointing
+
+    save = checkpointing.Checkpointer.save
+
+    def save_then_die(self, epoch_done, state, extra):
+        save(self, epoch_done, state, extra)
+        if epoch_done == epoch:
+            with open(out, "w") as f:
+                json.dump({"crashed_after_epoch": epoch_done,
+                           "process_index": jax.process_index()}, f)
+            os._exit(0)
+
+    checkpointing.Checkpointer.save = save_then_die
+
+
+def distributed(out: str, workdir: str, address: str, num_processes: int, pid: int,
+                crash_after_epoch: int = 0) -> None:
     from sb_jax import parallel
 
     parallel.initialize_distributed(address, num_processes, pid, cpu_collectives="gloo")
@@ -201,7 +308,9 @@ def distributed(out: str, workdir: str, address: str, num_processes: int, pid: i
 
     from sb_jax import train
 
-    config = selector_config("stale_sb", num_devices=0, num_epochs=2, staleness=2)
+    if crash_after_epoch:
+        _crash_after_checkpoint(crash_after_epoch, out)
+    config = distributed_config()
     summary = train.train_and_evaluate(config, workdir)
     run = train.setup_run(config)
     from sb_jax import checkpointing
@@ -229,7 +338,8 @@ def main(argv: list[str]) -> None:
     elif mode == "checkpoint":
         checkpoint(out, argv[3])
     elif mode == "distributed":
-        distributed(out, argv[3], argv[4], int(argv[5]), int(argv[6]))
+        distributed(out, argv[3], argv[4], int(argv[5]), int(argv[6]),
+                    int(argv[7]) if len(argv) > 7 else 0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

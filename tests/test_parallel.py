@@ -3,13 +3,16 @@
 JAX fixes its device count at start-up, so each scenario runs `tests/multidevice_driver.py`
 in a subprocess (8 CPU devices via XLA_FLAGS, or two processes joined by
 `jax.distributed` over loopback with gloo collectives). All subprocesses start together
-when the first test asks for one, so they share the wall-clock time.
+when the first test asks for one, so they share the wall-clock time. The restart scenario
+chains two runs per process: the driver until a simulated crash after the first
+checkpoint, then the real `experiments.train` command line on the same workdir.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -18,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from sb_jax import checkpointing, config_lib, train
+from sb_jax import checkpointing, config_lib, metrics_io, train
 from tests import multidevice_driver as driver
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +34,27 @@ def _env(num_devices: int) -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    # All bound at once, so they are distinct.
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _one_after_another(*commands: list[str]) -> list[str]:
+    """A command line running ``commands`` in turn, stopping at the first that fails."""
+    return ["sh", "-c", " && ".join(shlex.join(c) for c in commands)]
+
+
+def _deterministic_metrics(workdir) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if "wall_s" not in k}
+            for r in metrics_io.read_metrics(str(workdir))]
 
 
 class _Runs:
@@ -42,7 +62,7 @@ class _Runs:
 
     def __init__(self, tmp):
         self.tmp = tmp
-        address = f"127.0.0.1:{_free_port()}"
+        address, restart_address = (f"127.0.0.1:{port}" for port in _free_ports(2))
         cmd = [sys.executable, "-m", "tests.multidevice_driver"]
         specs = {
             "equality": (cmd + ["equality", str(tmp / "equality.json"), *SELECTORS], 8),
@@ -54,16 +74,31 @@ class _Runs:
             specs[f"distributed{pid}"] = (
                 cmd + ["distributed", str(tmp / f"distributed{pid}.json"), str(tmp / "dist"),
                        address, "2", str(pid)], 2)
+            # Both processes die after the epoch-1 checkpoint of a 2-epoch run; then each
+            # host re-runs the training command (same coordinator address), which resumes.
+            specs[f"restart{pid}"] = (_one_after_another(
+                cmd + ["distributed", str(tmp / f"restart{pid}.json"), str(tmp / "restart"),
+                       restart_address, "2", str(pid), "1"],
+                [sys.executable, "-m", "experiments.train",
+                 *driver.train_flags(driver.distributed_config()),
+                 f"--workdir={tmp / 'restart'}", f"--coordinator_address={restart_address}",
+                 "--num_processes=2", f"--process_id={pid}", "--cpu_collectives=gloo"],
+            ), 2)
         self.procs = {
             name: subprocess.Popen(args, cwd=REPO, env=_env(n), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
             for name, (args, n) in specs.items()
         }
 
-    def result(self, name: str) -> dict:
+    def wait(self, name: str) -> str:
+        """The output of a subprocess that succeeded."""
         proc = self.procs[name]
         output, _ = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 0, f"{name} failed:\n{output[-4000:]}"
+        return output
+
+    def result(self, name: str) -> dict:
+        self.wait(name)
         with open(self.tmp / f"{name}.json") as f:
             return json.load(f)
 
@@ -140,6 +175,26 @@ def test_checkpoint_from_8_devices_restores_on_2_and_1(runs):
                                   np.load(runs.tmp / "ckpt" / "params_epoch3.npy"))
 
 
+def test_per_shard_run_resumes_on_its_devices_and_refuses_others(runs):
+    result = runs.result("checkpoint")["per_shard"]
+    # Cut back to epoch 1 and re-run on the same 8 devices: it resumed (kept epoch 1's
+    # record, wrote epoch 2 again) and ended as the straight run did.
+    assert result["kept_epoch1_record"] and result["rewrote_epoch2_record"]
+    assert result["epochs"] == [1, 2] and result["final_epoch"] == 2
+    assert result["selection_shards"] == 8
+    assert result["same_metrics"] and result["same_counters"] and result["params_equal"]
+    assert 0 < result["examples_selected"] < result["examples_seen"]
+    # The same config (num_devices=0: every device) here, on 1 device: refused, saying why,
+    # before anything is trained or written.
+    workdir = runs.tmp / "ckpt" / "per_shard" / "resumed"
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"per_shard selection on 8 devices.*this run has 1 device"):
+        train.train_and_evaluate(driver.per_shard_config(num_epochs=3), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert [r["epoch"] for r in metrics_io.read_metrics(str(workdir))] == [1, 2]
+
+
 def test_two_processes_train_together_and_agree(runs):
     r0, r1 = runs.result("distributed0"), runs.result("distributed1")
     assert (r0["process_index"], r1["process_index"]) == (0, 1)
@@ -158,6 +213,33 @@ def test_two_processes_train_together_and_agree(runs):
             assert r0["counters"][name] == value, name
     np.testing.assert_allclose(np.asarray(r0["params"]), driver.flat_params(state),
                                atol=1e-5)
+
+
+def test_two_processes_resume_after_both_hosts_restart(runs):
+    outputs = [runs.wait(f"restart{pid}") for pid in range(2)]
+    for pid, output in enumerate(outputs):
+        # Each process died right after the epoch-1 checkpoint of its 2-epoch run ...
+        with open(runs.tmp / f"restart{pid}.json") as f:
+            assert json.load(f) == {"crashed_after_epoch": 1, "process_index": pid}
+        # ... and the re-run command continued from that checkpoint (not from scratch).
+        assert "resumed from checkpoint after epoch 1" in output, output[-4000:]
+    runs.wait("distributed0")  # the same two-process run, uninterrupted
+    restarted, straight = runs.tmp / "restart", runs.tmp / "dist"
+    records = _deterministic_metrics(restarted)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records == _deterministic_metrics(straight)
+    # The final states are identical: restore both here, on this process's one device.
+    run = train.setup_run(driver.selector_config("stale_sb", staleness=2))
+    final = {}
+    for workdir in (restarted, straight):
+        ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+        state, epoch, _ = ckpt.restore_latest(run.abstract_state, run.shardings)
+        ckpt.close()
+        assert epoch == 2
+        final[workdir] = (driver.flat_params(state), driver.counters(state), int(state.step))
+    (p_r, c_r, s_r), (p_s, c_s, s_s) = final[restarted], final[straight]
+    assert s_r == s_s > 0 and c_r == c_s
+    np.testing.assert_array_equal(p_r, p_s)
 
 
 def test_parallel_config_errors():
