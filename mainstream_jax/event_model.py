@@ -5,6 +5,12 @@ Reference: docs/SPEC.md section 3. An app samples ``phi`` of the stream's ``F`` 
 
 * ``faithful`` form (default; the published numbers): d = L/1000 * phi;
 * ``corrected`` form: d = L/1000 * F (frames of the original stream).
+* ``stream`` form: d as ``corrected``, and c is the correlation of consecutive *stream
+  frames* (the object persists from one frame to the next with probability c), so
+  samples s frames apart repeat with probability c^s: the chain below runs with
+  c_s = c ** s per fps option. This describes a stream generated frame by frame (the
+  end-to-end streams of ``mainstream_jax.e2e.streams``); ``faithful`` and ``corrected``
+  apply c between consecutive samples whatever the rate, as the paper does.
 
 The app sees n = d / s sampled frames of an event on average: floor(n) of them with
 probability 1 - frac(n) and floor(n) + 1 with probability frac(n). This is the SPEC's
@@ -56,7 +62,7 @@ def samples_per_event(
     fps = np.asarray(fps, np.float64)[None, :]
     if form == "faithful":
         d = length_s * fps
-    elif form == "corrected":
+    elif form in ("corrected", "stream"):
         d = length_s * float(stream_fps)
     else:
         raise ValueError(f"unknown event model {form!r}; choose one of {profiles.EVENT_MODELS}")
@@ -160,7 +166,8 @@ def event_metrics(
       fps: float [R] sampling rates (each in (0, stream_fps]).
       stream_fps: F.
       x_vote: int [N] consecutive positives to fire (default all 1, the paper).
-      form: ``"faithful"`` (default, published numbers) or ``"corrected"``.
+      form: ``"faithful"`` (default, published numbers), ``"corrected"`` or ``"stream"``
+        (see the module docstring).
 
     Returns:
       :class:`EventMetrics`, each float64 [N, K, R].
@@ -176,8 +183,18 @@ def event_metrics(
     n = samples_per_event(np.broadcast_to(event_length_ms, (num_apps,)), fps, stream_fps, form)
     corr = np.broadcast_to(np.asarray(correlation, np.float64), (num_apps,))
     xv = np.broadcast_to(np.asarray(x_vote, np.int64), (num_apps,))
-    recall = 1.0 - miss_probability(accuracy, n, corr, xv)
-    false_alarm = 1.0 - miss_probability(false_positive_rate, n, corr, xv)
+    if form == "stream":
+        # Per fps option r, the sample-to-sample correlation c ** s_r; one column at a time.
+        strides = float(stream_fps) / fps
+        recall = np.concatenate([1.0 - miss_probability(accuracy, n[:, r:r + 1],
+                                                        corr ** s, xv)
+                                 for r, s in enumerate(strides)], axis=-1)
+        false_alarm = np.concatenate([1.0 - miss_probability(false_positive_rate,
+                                                             n[:, r:r + 1], corr ** s, xv)
+                                      for r, s in enumerate(strides)], axis=-1)
+    else:
+        recall = 1.0 - miss_probability(accuracy, n, corr, xv)
+        false_alarm = 1.0 - miss_probability(false_positive_rate, n, corr, xv)
     freq = np.broadcast_to(np.asarray(event_frequency, np.float64), (num_apps,))
     precision, f1 = precision_f1(recall, false_alarm, freq[:, None, None])
     return EventMetrics(recall=recall, false_alarm=false_alarm, precision=precision, f1=f1)

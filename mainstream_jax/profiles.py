@@ -36,10 +36,12 @@ OBJECTIVES = ("f1", "fnr", "fdr", "maxmin_f1")
 (1 - recall); minimise mean false-discovery rate (1 - precision, called "fpr" in the
 original code); maximise the minimum F1 over apps (max-min fairness)."""
 
-EVENT_MODELS = ("faithful", "corrected")
+EVENT_MODELS = ("faithful", "corrected", "stream")
 """Event-model forms (docs/SPEC.md section 3). ``faithful`` (default) reproduces the
 published numbers: event length in frames d = L/1000 * phi. ``corrected`` counts the event
-in frames of the original stream: d = L/1000 * F."""
+in frames of the original stream: d = L/1000 * F. ``stream`` is ``corrected`` with c the
+correlation of consecutive stream frames (c ** s between samples s frames apart), as in
+the end-to-end streams (``mainstream_jax.e2e.streams``)."""
 
 MIB = float(2**20)
 
@@ -53,7 +55,7 @@ A problem file is one JSON object:
   "stream_fps": 10,              # F, frames/s of the stream (default 10)
   "memory_budget_mib": 40,       # optional: MiB of parameters that may be resident
   "objective": "f1",             # f1 | fnr | fdr | maxmin_f1 (default f1)
-  "event_model": "faithful",     # faithful | corrected (default faithful)
+  "event_model": "faithful",     # faithful | corrected | stream (default faithful)
   "network": "mobilenet",        # the shipped MobileNet-224 profile (default), or
                                  # {"name": .., "layer_costs": [..], "chokepoints": [..],
                                  #  "layer_bytes": [..] (optional), "layer_names": [..]}

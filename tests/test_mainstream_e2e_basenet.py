@@ -51,6 +51,19 @@ def test_depthwise_matches_grouped_conv(strides, size):
     np.testing.assert_allclose(basenet.depthwise3x3(x, k, strides), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+def test_conv3x3_and_pointwise_match_lax_conv(strides, size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    dn = ("NHWC", "HWIO", "NHWC")
+    ref = lax.conv_general_dilated(x, k, (strides, strides), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(basenet.conv3x3(x, k, strides), ref, atol=1e-5)
+    k1 = k[1:2, 1:2]
+    ref1 = lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(basenet.pointwise(x, k1), ref1, atol=1e-5)
+
+
 def test_stem_then_branch_equals_full_network(tiny):
     model, variables = tiny
     x = jax.random.normal(jax.random.key(2), (4, *SHAPE))

@@ -122,3 +122,22 @@ def test_fractional_rates_with_ten_second_windows():
     assert plan.segments[0].rate == 100
     with pytest.raises(ValueError, match="whole number of frames"):
         runtime.make_plan([0], [0.25], F, num_layers=8, window_s=10)
+
+
+@pytest.mark.parametrize("batch_apps, fused", [(True, False), (False, False), (True, True)])
+def test_predicted_call_cost_is_the_cost_model_plus_one_overhead_per_jitted_call(
+        apps, batch_apps, fused):
+    model, base, ks, app_vars = apps
+    fps = (10, 4, 4, 7, 7)
+    rt = runtime.StemRuntime(model, base, app_vars, ks, fps, stream_fps=F,
+                             windows_per_call=3, mean=0.0, std=1.0, batch_apps=batch_apps,
+                             fused=fused)
+    # Segments [0, 3) and [3, 6); groups: k=0, (3, 4) x 2, (6, 7) x 2 batched or not.
+    pieces = 2 + (3 if batch_apps else 5)
+    assert rt.num_pieces == pieces
+    assert rt.num_calls == (1 if fused else pieces)
+    lam = np.random.default_rng(2).uniform(0.01, 0.1, model.spec.num_layers)
+    per_window = cost_model.schedule_cost(ks, fps, lam)  # ms per second of stream
+    np.testing.assert_allclose(rt.predicted_call_ms(lam), 3 * per_window)
+    np.testing.assert_allclose(rt.predicted_call_ms(lam, 0.25),
+                               3 * per_window + 0.25 * rt.num_calls)

@@ -120,3 +120,32 @@ def test_perfect_detector_scores_one():
 def test_bad_stream_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         _stream(**kw)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 5])
+def test_samples_s_frames_apart_repeat_with_c_to_the_s(stride):
+    # What the planner's "stream" event model assumes: inside an event, two samples s
+    # frames apart show the same object with probability c ** s.
+    c = 0.7
+    s, _, _ = _stream(c, duration_s=4000)
+    a = 1  # 10-frame events: several samples per event at these strides
+    same = []
+    for _, start, end in s.events[s.events[:, 0] == a]:
+        src = s.source[start:end:stride]
+        same.extend(src[1:] == src[:-1])
+    # A fresh draw repeats the object by chance with probability 1/40 (pool of 40).
+    want = c ** stride + (1 - c ** stride) / 40
+    assert abs(np.mean(same) - want) < 0.03
+
+
+def test_negative_class_shares_match_a_generated_stream():
+    s, _, labels = _stream(0.0, duration_s=4000)
+    shares = streams.negative_class_shares(labels, [3, 4, 5], [0.1, 0.2, 0.05], [0, 1, 2])
+    assert shares.shape == (3, 6)
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    src_labels = labels[s.source]
+    for a in range(3):
+        outside = src_labels[s.event_app != a]
+        empirical = np.bincount(outside, minlength=6) / outside.size
+        np.testing.assert_allclose(shares[a], empirical, atol=0.01)
+        assert shares[a, 3 + a] == 0.0  # an app's own target is never its negative

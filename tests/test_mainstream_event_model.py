@@ -160,3 +160,24 @@ def test_problem_metrics_on_shipped_profiles_are_probabilities():
 def test_fps_outside_the_stream_is_an_error():
     with pytest.raises(ValueError, match="fps options must lie in"):
         event_model.event_metrics([[0.5]], [[0.1]], [500.0], [0.3], [0.1], [11.0], 10)
+
+
+def test_stream_form_is_corrected_with_per_frame_correlation():
+    # "stream": c is the correlation of consecutive stream frames, so samples s = F / phi
+    # frames apart repeat with probability c ** s; otherwise the corrected form.
+    rng = np.random.default_rng(5)
+    acc, fpr, length, freq, corr = random_apps(rng, 6)
+    fps = np.array([1.0, 2.0, 2.5, 5.0, 10.0])
+    got = event_model.event_metrics(acc, fpr, length, freq, corr, fps, STREAM_FPS,
+                                    form="stream")
+    for r, phi in enumerate(fps):
+        want = event_model.event_metrics(acc, fpr, length, freq,
+                                         corr ** (STREAM_FPS / phi), [phi], STREAM_FPS,
+                                         form="corrected")
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g[..., r], w[..., 0], rtol=1e-12)
+    # Below the stream rate samples are less correlated: a miss is less likely to repeat,
+    # so recall is higher than the corrected form's (for 0 < c < 1, accuracy in (0, 1)).
+    args = ([[0.6]], [[0.1]], [1000.0], [0.2], [0.5], [2.0], STREAM_FPS)
+    assert (event_model.event_metrics(*args, form="stream").recall
+            > event_model.event_metrics(*args, form="corrected").recall)

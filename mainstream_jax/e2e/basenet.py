@@ -102,6 +102,21 @@ def mobilenet_spec(
     return NetSpec(layers=tuple(layers), chokepoints=tuple(range(len(layers))))
 
 
+def _taps(x: jax.Array, strides: int) -> list[jax.Array]:
+    """The nine shifted (and strided) views of ``x`` a 'SAME' 3x3 convolution reads, in
+    kernel order (row i, column j)."""
+    h, w = x.shape[1], x.shape[2]
+    out_h, out_w = -(-h // strides), -(-w // strides)
+    # 'SAME' padding: total pad so that out = ceil(in / stride), the extra pixel at the end.
+    pad_h = max((out_h - 1) * strides + 3 - h, 0)
+    pad_w = max((out_w - 1) * strides + 3 - w, 0)
+    xp = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                     (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    return [xp[:, i:i + (out_h - 1) * strides + 1:strides,
+               j:j + (out_w - 1) * strides + 1:strides, :]
+            for i in range(3) for j in range(3)]
+
+
 def depthwise3x3(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     """'SAME' 3x3 depthwise convolution as nine shifted multiply-adds.
 
@@ -110,20 +125,34 @@ def depthwise3x3(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     this form (128 x 28 x 28 x 16: 629 ms against 21 ms), which would dominate
     fine-tuning here. ``kernel`` is flax's layout, [3, 3, 1, C].
     """
-    h, w = x.shape[1], x.shape[2]
-    out_h, out_w = -(-h // strides), -(-w // strides)
-    # 'SAME' padding: total pad so that out = ceil(in / stride), the extra pixel at the end.
-    pad_h = max((out_h - 1) * strides + 3 - h, 0)
-    pad_w = max((out_w - 1) * strides + 3 - w, 0)
-    xp = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                     (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
     out = None
-    for i in range(3):
-        for j in range(3):
-            tap = xp[:, i:i + (out_h - 1) * strides + 1:strides,
-                     j:j + (out_w - 1) * strides + 1:strides, :] * kernel[i, j, 0]
-            out = tap if out is None else out + tap
+    for t, tap in enumerate(_taps(x, strides)):
+        tap = tap * kernel[t // 3, t % 3, 0]
+        out = tap if out is None else out + tap
     return out
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+    """'SAME' 3x3 convolution as nine shifted matmuls over the channels; ``kernel`` is
+    [3, 3, C_in, C_out] (flax's layout). Equal to ``lax.conv_general_dilated`` (tested).
+
+    Why not XLA's convolution: every program here is ``vmap``-ed over apps (stacked
+    kernels), and XLA lowers a vmapped convolution to a grouped one, whose CPU gradient
+    is the slow path (see :func:`depthwise3x3`); a vmapped matmul is a batched matmul.
+    The chunked CPU kernel gradient of ``sb_jax`` also unrolls into large programs
+    that took ~40 s to compile per fine-tuning step.
+    """
+    out = None
+    for t, tap in enumerate(_taps(x, strides)):
+        tap = jnp.einsum("bhwc,cf->bhwf", tap, kernel[t // 3, t % 3])
+        out = tap if out is None else out + tap
+    return out
+
+
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 convolution as a matmul over the channels (kernel [1, 1, C_in, C_out]); same
+    reasons as :func:`conv3x3`."""
+    return jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -138,6 +167,26 @@ class DepthwiseConv3x3(nn.Module):
         return depthwise3x3(x, kernel, self.strides)
 
 
+class Conv(nn.Module):
+    """Bias-free 'SAME' 3x3 or 1x1 convolution with ``sb_layers.conv``'s parameters
+    (``kernel`` [s, s, C_in, C_out], Kaiming fan_out), computed as matmuls."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = self.kernel_size
+        kernel = self.param("kernel", sb_layers.conv_kernel_init,
+                            (s, s, x.shape[-1], self.features), jnp.float32)
+        if s == 1 and self.strides == 1:
+            return pointwise(x, kernel)
+        if s == 3:
+            return conv3x3(x, kernel, self.strides)
+        raise ValueError(f"unsupported conv: {s}x{s} stride {self.strides}")
+
+
 class _Layer(nn.Module):
     spec: LayerSpec
     num_outputs: int
@@ -146,13 +195,13 @@ class _Layer(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         s = self.spec
         if s.kind == "conv":
-            x = sb_layers.conv(s.features, 3, s.strides)(x)
+            x = Conv(s.features, 3, s.strides, name="Conv_0")(x)
             return nn.relu(sb_layers.batch_norm(train)(x))
         if s.kind == "dw":
             x = DepthwiseConv3x3(s.strides, name="dw")(x)
             return nn.relu(sb_layers.batch_norm(train)(x))
         if s.kind == "pw":
-            x = sb_layers.conv(s.features, 1)(x)
+            x = Conv(s.features, 1, name="Conv_0")(x)
             return nn.relu(sb_layers.batch_norm(train)(x))
         if s.kind == "pool":
             return x.mean(axis=(1, 2))

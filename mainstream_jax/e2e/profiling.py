@@ -22,11 +22,16 @@ from mainstream_jax.e2e import basenet
 COST_UNIT = "ms_per_frame"
 
 
-def detection_rates(logits: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def detection_rates(
+    logits: np.ndarray, positives: np.ndarray, negative_weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame hit rate on positives and false-hit rate on negatives, per app.
 
     ``logits`` float [A, n] (a frame is flagged when its logit is > 0), ``positives`` bool
-    [A, n]. Returns (accuracy [A], false_positive_rate [A]).
+    [A, n]. ``negative_weights`` float [A, n] (optional): the false-hit rate is the
+    weighted mean over the negatives, so that it can describe the mix of negatives a
+    stream shows (see ``streams.negative_class_shares``) rather than the held-out set's.
+    Returns (accuracy [A], false_positive_rate [A]).
     """
     logits = np.asarray(logits)
     positives = np.asarray(positives, bool)
@@ -34,12 +39,18 @@ def detection_rates(logits: np.ndarray, positives: np.ndarray) -> tuple[np.ndarr
         raise ValueError(f"logits {logits.shape} and positives {positives.shape} must both "
                          "be [apps, frames]")
     flagged = logits > 0
+    if negative_weights is None:
+        w = (~positives).astype(np.float64)
+    else:
+        w = np.asarray(negative_weights, np.float64)
+        if w.shape != positives.shape or np.any(w < 0):
+            raise ValueError(f"negative_weights {w.shape} must be [apps, frames] and >= 0")
+        w = np.where(positives, 0.0, w)
     n_pos = positives.sum(axis=1)
-    n_neg = (~positives).sum(axis=1)
-    if np.any(n_pos == 0) or np.any(n_neg == 0):
+    if np.any(n_pos == 0) or np.any(w.sum(axis=1) == 0):
         raise ValueError("every app needs held-out positive and negative frames")
     acc = (flagged & positives).sum(axis=1) / n_pos
-    fpr = (flagged & ~positives).sum(axis=1) / n_neg
+    fpr = (flagged * w).sum(axis=1) / w.sum(axis=1)
     return acc, fpr
 
 
@@ -47,7 +58,7 @@ class LayerCosts(NamedTuple):
     ms_per_frame: np.ndarray  # float64 [L]: the per-layer cost, per frame
     raw_ms: np.ndarray  # float64 [L]: median time of each layer alone on `batch` frames
     full_ms: float  # median time of the whole network, one fused call, on `batch` frames
-    overhead_ms: float  # median time of a trivial jitted call on the layer-0 input
+    overhead_ms: float  # median time of a trivial jitted call (one number): the dispatch cost
     batch: int
     repeats: int
 
@@ -82,7 +93,10 @@ def measure_layer_costs(
     smoke run: 1.35 predicted against 0.92 ms per stream-second measured). Differences
     of fused prefix times ``[0, l]`` add up right but were dominated by timing noise on
     this shared CPU (layers got 0 or double their cost; 11 of 32 throughput points within
-    15 % of the prediction).
+    15 % of the prediction). A non-negative least-squares fit of layer costs to the
+    whole network, every prefix ``[0, k)`` and every suffix ``[k, L)`` (the pieces the
+    runtime runs) did worse than scaling: 8 of 32 points against 24 of 32 in the same
+    run, because it put the suffixes' fixed per-call costs on the last layers.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, repeats >= 1, warmup >= 0; got {batch}, "
@@ -113,7 +127,9 @@ def cost_probes(
                        (variables, x)))
     x0 = probes[0][1][1]
     probes.append((jax.jit(lambda v, h: model.apply(v, h, 0, None, False)), (variables, x0)))
-    probes.append((jax.jit(lambda h: h + 1.0), (x0,)))
+    # The dispatch overhead: a trivial op on one number, so that it measures the cost of
+    # a jitted call and not of touching `batch` frames (on 600 frames, h + 1 took 7 ms).
+    probes.append((jax.jit(lambda h: h + 1.0), (jnp.zeros((1,), jnp.float32),)))
     return probes
 
 

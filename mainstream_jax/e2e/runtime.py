@@ -15,14 +15,23 @@ each app's branch therefore runs on exactly its rate in frames per second, which
 the cost model charges.
 
 Branches of apps with the same (k, phi) have the same input and shapes; with
-``batch_apps`` they run as one ``jax.vmap`` over their stacked variables. With ``fused``
-everything of one call (stem segments, gathers, branches) is one jitted function of
-static shapes; otherwise each segment and branch group is its own jitted function.
+``batch_apps`` (default on accelerators) they run as one ``jax.vmap`` over their stacked
+variables.
+
+Execution (``fused=False``, the default): each stem segment and each branch group is its
+own jitted function (cached per layer range, so schedules share compilations), dispatched
+in order; input normalisation is folded into the pieces that read the frames. The cost of
+a call is then linear in the work plus a fixed dispatch cost per piece:
+:meth:`StemRuntime.predicted_call_ms` = the cost model's frames x layer costs + pieces x
+the per-call overhead the profiler measures. ``fused=True`` jits the whole call as one
+program; on the CPU that was not linear in the work (8 unshared apps in one XLA program
+ran 44 % slower than the cost model's 8 x one app, see the benchmark's README).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -131,11 +140,13 @@ class StemRuntime:
       window_s: seconds per window.
       mean, std: input normalisation.
       batch_apps: vmap branches of apps with the same (k, fps). None (default): on any
-        backend but the CPU. On this 2-core CPU, XLA ran a vmap over stacked conv kernels
-        slower than separate convs (2 unshared apps: 1,440 frames/s vmapped against
-        4,183 looped, two short runs of ``benchmarks/mainstream_e2e_throughput.py
-        --[no]batch_apps`` in separate processes).
-      fused: one jitted function per call (default), or each stem segment and branch
+        backend but the CPU. On the CPU the vmapped branches were not linear in the
+        number of apps: XLA's batched matmul for the stacked 1x1 convs (4x4x64 -> 128)
+        took 20x one app's time at 8 apps, and 8 apps' branches from k=7 ran 69 %
+        slower than the cost model (``benchmarks/mainstream_e2e_throughput.py
+        --batch_apps``, 5 rounds); one jitted call per app is linear and pays the
+        per-call overhead that :meth:`predicted_call_ms` includes.
+      fused: one jitted function per call, or (default) each stem segment and branch
         group jitted alone and dispatched in turn.
     """
 
@@ -153,7 +164,7 @@ class StemRuntime:
         mean: float,
         std: float,
         batch_apps: bool | None = None,
-        fused: bool = True,
+        fused: bool = False,
         check_frozen: bool = True,
     ):
         spec = model.spec
@@ -163,9 +174,9 @@ class StemRuntime:
         if windows_per_call < 1:
             raise ValueError(f"windows_per_call must be >= 1, got {windows_per_call}")
         self.plan = make_plan(num_frozen, fps, stream_fps, spec.num_layers, window_s)
-        window = stream_fps * self.plan.window_s
         if batch_apps is None:
             batch_apps = jax.default_backend() != "cpu"
+        window = stream_fps * self.plan.window_s
         self.model = model
         self.windows_per_call = windows_per_call
         self.frames_per_call = windows_per_call * window
@@ -201,29 +212,19 @@ class StemRuntime:
             group_index.append(jnp.asarray(_window_indices(plan.app_positions[i], par, w,
                                                            len(par))))
 
-        # The pieces of one call; `fused` jits them together, else each is jitted alone
-        # and dispatched in order (asynchronously), which keeps the cost of N apps N
-        # times one app's, as the cost model assumes (see the benchmark's README).
-        def normalize(frames):
-            return (frames.astype(jnp.float32) / 255.0 - mean) / std
-
-        def segment_fn(seg):
-            return lambda v, h, idx: model.apply(v, h[idx], seg.start, seg.end, False)
-
-        def group_fn(k):
-            one = lambda v, h: model.apply(v, h, k, None, False)[:, 0]  # noqa: E731
-            return lambda v, h, idx: jax.vmap(one, in_axes=(0, None))(v, h[idx])
-
-        seg_fns = [segment_fn(seg) for seg in plan.segments]
-        grp_fns = [group_fn(plan.num_frozen[g[0]]) for g in self.groups]
-        if not fused:
-            normalize = jax.jit(normalize)
-            seg_fns = [jax.jit(f) for f in seg_fns]
-            grp_fns = [jax.jit(f) for f in grp_fns]
+        # The pieces of one call: stem segments, then branch groups; the pieces that read
+        # the frames normalise them first. Unfused, each is a cached jitted function.
+        first = [plan.app_source[g[0]] < 0 for g in self.groups]
+        seg_fns = [_segment_fn(model, seg.start, seg.end, mean, std, i == 0, not fused)
+                   for i, seg in enumerate(plan.segments)]
+        grp_fns = [_group_fn(model, plan.num_frozen[g[0]], mean, std, f, not fused)
+                   for g, f in zip(self.groups, first, strict=True)]
+        self.num_pieces = len(seg_fns) + len(grp_fns)
+        self.fused = fused
 
         def run_call(variables, frames):
             stem_v, branch_v = variables
-            outs = [normalize(frames)]
+            outs = [frames]
             for fn, idx in zip(seg_fns, seg_index, strict=True):
                 outs.append(fn(stem_v, outs[-1], idx))
             return [fn(bv, outs[plan.app_source[g[0]] + 1], idx)
@@ -231,6 +232,27 @@ class StemRuntime:
                                               strict=True)]
 
         self._call = jax.jit(run_call) if fused else run_call
+        self._seg_frames = [int(idx.shape[0]) for idx in seg_index]
+        self._grp_frames = [int(idx.shape[0]) * len(g)
+                            for idx, g in zip(group_index, self.groups, strict=True)]
+
+    @property
+    def num_calls(self) -> int:
+        """Jitted calls dispatched per runtime call (each pays the dispatch overhead)."""
+        return 1 if self.fused else self.num_pieces
+
+    def predicted_call_ms(self, layer_ms_per_frame: np.ndarray,
+                          call_overhead_ms: float = 0.0) -> float:
+        """Predicted time of one runtime call: every segment's and app's frames times its
+        layers' per-frame costs (the cost model's work, tested equal to
+        ``cost_model.schedule_cost`` per window) plus ``num_calls`` x the per-call
+        overhead."""
+        lam = np.asarray(layer_ms_per_frame, np.float64)
+        work = sum(n * lam[s.start:s.end].sum()
+                   for n, s in zip(self._seg_frames, self.plan.segments, strict=True))
+        work += sum(n * lam[self.plan.num_frozen[g[0]]:].sum()
+                    for n, g in zip(self._grp_frames, self.groups, strict=True))
+        return float(work + self.num_calls * call_overhead_ms)
 
     def app_frames(self, app: int, num_frames: int) -> np.ndarray:
         """Stream frame indices app ``app`` processes in a stream of ``num_frames``."""
@@ -278,6 +300,34 @@ class StemRuntime:
             jax.block_until_ready(self.call(frames))
             out[r] = time.perf_counter() - start
         return out
+
+
+def _normalize(frames: jax.Array, mean: float, std: float) -> jax.Array:
+    return (frames.astype(jnp.float32) / 255.0 - mean) / std
+
+
+@functools.cache
+def _segment_fn(model: basenet.ChokepointNet, start: int, end: int, mean: float, std: float,
+                reads_frames: bool, jit: bool):
+    def fn(v, h, idx):
+        h = h[idx]
+        if reads_frames:
+            h = _normalize(h, mean, std)
+        return model.apply(v, h, start, end, False)
+    return jax.jit(fn) if jit else fn
+
+
+@functools.cache
+def _group_fn(model: basenet.ChokepointNet, k: int, mean: float, std: float,
+              reads_frames: bool, jit: bool):
+    one = lambda v, h: model.apply(v, h, k, None, False)[:, 0]  # noqa: E731
+
+    def fn(v, h, idx):
+        h = h[idx]
+        if reads_frames:
+            h = _normalize(h, mean, std)
+        return jax.vmap(one, in_axes=(0, None))(v, h)
+    return jax.jit(fn) if jit else fn
 
 
 def _check_frozen(app: int, variables: dict, base: dict, spec: basenet.NetSpec, k: int):

@@ -148,6 +148,37 @@ def make_stream(
                   np.asarray(events, np.int64).reshape(-1, 3), tuple(d), int(stream_fps))
 
 
+def negative_class_shares(
+    labels: np.ndarray,
+    targets: Sequence[int],
+    event_frequency: Sequence[float],
+    background_classes: Sequence[int],
+) -> np.ndarray:
+    """Expected share of each class among the frames outside app ``a``'s events, for a
+    stream :func:`make_stream` builds from an image pool with these ``labels``; float
+    [A, num_classes] (rows sum to 1; classes the stream never shows get 0).
+
+    Background frames (a share 1 - sum f of the stream) draw uniformly from the pool's
+    background images, so class ``b`` gets (1 - sum f) n_b / n_background; app ``a``
+    also sees app ``j``'s events (j != a), a share f_j.
+    """
+    labels = np.asarray(labels)
+    freq = np.asarray(event_frequency, np.float64)
+    num_classes = int(max(labels.max(), *targets, *background_classes)) + 1
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    bg = np.zeros(num_classes)
+    bg[list(background_classes)] = counts[list(background_classes)]
+    if bg.sum() == 0:
+        raise ValueError("the pool has no background image")
+    bg *= (1.0 - freq.sum()) / bg.sum()
+    out = np.tile(bg, (len(targets), 1))
+    for a in range(len(targets)):
+        for j, t in enumerate(targets):
+            if j != a:
+                out[a, t] += freq[j]
+    return out / out.sum(axis=1, keepdims=True)
+
+
 class StreamStats(NamedTuple):
     event_frequency: np.ndarray  # [A] share of frames in each app's events
     mean_event_frames: np.ndarray  # [A]
