@@ -121,10 +121,11 @@ def main(argv):
 
     runs = comparison.run_variants(base, variants, seeds, workdir, before_each=measure_costs)
     measure_costs()
-    order = [(seed, name) for seed in seeds for name in variants]
+    # Sample i was taken just before run i, sample i + 1 just after it; a variant's runs
+    # come in seed order, as in `runs`.
     run_costs = {name: [] for name in variants}
-    for i, (_, name) in enumerate(order):
-        run_costs[name].append(_mean_costs(cost_samples[i:i + 2]))
+    for i, sample in enumerate(cost_samples[:-1]):
+        run_costs[sample["before_run"]].append(_mean_costs(cost_samples[i:i + 2]))
     step_costs = _mean_costs(cost_samples)
     step_costs["samples"] = cost_samples
     result = comparison.compare(runs)
