@@ -386,15 +386,9 @@ def make_step_fns(
             do_train |= exhausted & (state.queue.size > 0)
         lr = lr_schedule(epoch + jnp.minimum(state.cursor * chunk_size, num_train) / num_train)
         # Computed unconditionally at the top level (see the module docstring), kept only
-        # when a batch was due; otherwise every leaf keeps its old value.
-        # A zero learning rate leaves the parameters bitwise unchanged (p - 0 * d == p for
-        # the finite d of a masked-out batch), so only the rest of the state needs the
-        # select: it is the smaller part, and the select over the parameters cost a full
-        # extra pass over them per step.
+        # when a batch was due (`_keep_if`).
         trained = train_from_queue(state, data, jnp.where(do_train, lr, 0.0), images_of)
-        kept = jax.tree.map(lambda new, old: jnp.where(do_train, new, old),
-                            trained._replace(params=None), state._replace(params=None))
-        state = kept._replace(params=trained.params)
+        state = _keep_if(do_train, trained, state)
         done = exhausted & (state.queue.size < batch_size)
         if flush:
             done &= state.queue.size == 0
@@ -460,6 +454,19 @@ def make_step_fns(
         ),
         evaluate=jax.jit(evaluate, out_shardings=(rep, rep)),
     )
+
+
+def _keep_if(do_train: jax.Array, trained: TrainState, state: TrainState) -> TrainState:
+    """`trained` where `do_train`, else `state`; `trained` must come from a zero learning
+    rate when `do_train` is false.
+
+    That zero rate leaves the parameters bitwise unchanged (p - 0 * d == p for the finite
+    d of a masked-out batch), so only the rest of the state needs the select: the select
+    over the parameters cost a full extra pass over them per step.
+    """
+    kept = jax.tree.map(lambda new, old: jnp.where(do_train, new, old),
+                        trained._replace(params=None), state._replace(params=None))
+    return kept._replace(params=trained.params)
 
 
 def _global_dispatch(mesh: Mesh, one_dispatch: Callable) -> Callable:
@@ -600,11 +607,11 @@ def _per_shard_dispatch(
         ids, weights, mask, epochs, images, queue = pop(state.queue, data.images)
         trained, per_example = train_core(state._replace(queue=queue), images,
                                           data.labels[ids], data.noisy[ids], ids, weights,
-                                          epochs, mask, lr)
+                                          epochs, mask, jnp.where(do_train, lr, 0.0))
         num_local = data.images.shape[0] // num_devices
         trained = trained._replace(policy_state=record(
             trained.policy_state, ids, per_example, mask, (jnp.max(epochs), num_local)))
-        state = jax.tree.map(lambda new, old: jnp.where(do_train, new, old), trained, state)
+        state = _keep_if(do_train, trained, state)
         ready = state.queue.size >= local_batch
         done = jnp.all(exhausted) & ~jnp.any(ready)
         if flush:

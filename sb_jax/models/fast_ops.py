@@ -261,4 +261,3 @@ def batch_norm_relu(
     if resolve_impl(impl) == "xla" or x.dtype != jnp.float32:
         return _bn_relu_reference(x, scale, bias, epsilon)
     return _cpu_bn_relu(x, scale, bias, float(epsilon))
-
