@@ -5,13 +5,25 @@ r"""Throughput of N apps with and without a shared stem, against the cost model.
 
 For N = 1..8 apps, every app at the full stream rate, with no sharing and with the first
 ~50 / 80 / 95 % of the layers shared (the chokepoint nearest to that share of the layer
-count), measures the stem-sharing runtime's frames/s (jitted calls of
-windows_per_call * F frames, warm, block_until_ready, interleaved repeats, median) and
-compares it with the cost model's prediction from layer costs profiled in the same
-rounds (profiling.cost_probes, interleaved with the throughput calls): the cost model's
-frames x per-frame layer costs, plus the runtime's jitted calls per call x the profiled
-per-call dispatch overhead (StemRuntime.predicted_call_ms). Weights are random
-(throughput does not depend on them). Writes throughput.json and throughput.png.
+count), measures the stem-sharing runtime's frames/s (``measured_fps``: single runtime
+calls of windows_per_call * F frames, warm, block_until_ready; also
+``measured_fps_calls_back_to_back``: ``--calls`` calls dispatched back to back, as
+StemRuntime.run dispatches a stream's calls; every timing of a round in a random order,
+interleaved repeats, median) and compares it with the cost model's prediction from
+costs profiled in the same rounds (so both see the same load from other jobs):
+
+* ``predicted_fps`` (the goal's prediction): the profiled *piece* costs
+  (profiling.piece_probes: the runtime's own jitted stem segments and branches, at the
+  runtime's frames per call, timed in bursts of ``--burst`` back-to-back calls as in
+  profiling.measure_piece_costs), summed over the runtime's jitted calls, plus one wait
+  (StemRuntime.predicted_call_ms with piece_costs); ``predicted_fps_pieces_alone``:
+  the same with each piece waited for alone;
+* ``predicted_fps_layers``: the per-layer costs (profiling.cost_probes, scaled to the
+  fused network) x frames, plus the jitted calls x the dispatch overhead.
+
+``--all_pieces`` profiles every piece of the network (what the e2e profile holds), not
+only those the configurations run. Weights are random (throughput does not depend on
+them). Writes throughput.json and throughput.png.
 """
 
 from __future__ import annotations
@@ -45,6 +57,15 @@ _BATCH_APPS = flags.DEFINE_bool("batch_apps", None, "vmap branches of identical 
 _FUSED = flags.DEFINE_bool("fused", False, "One jitted function per runtime call (else, "
                            "the default, one per stem segment and branch group).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
+_CALLS = flags.DEFINE_integer("calls", 4, "Runtime calls dispatched back to back per "
+                              "timing for the secondary measure (as StemRuntime.run "
+                              "dispatches a stream's calls); the goal's measure is a single "
+                              "call waited for.")
+_BURST = flags.DEFINE_integer("burst", 4, "Calls per timed burst of a piece "
+                              "(profiling.measure_piece_costs).")
+_ALL_PIECES = flags.DEFINE_bool("all_pieces", False, "Profile every piece of the network "
+                                "(L (L + 1) / 2), not only those the configurations run.")
+MEAN, STD = 0.3, 0.35
 
 SHAPE = (28, 28, 1)
 
@@ -82,19 +103,60 @@ def main(argv):
             apps = [training.assemble_app(base, basenet.select_layers(
                 branches[a], spec, k, spec.num_layers), spec, k) for a in range(n)]
             rt = runtime.StemRuntime(model, base, apps, [k] * n, [F] * n, stream_fps=F,
-                                     windows_per_call=W, mean=0.3, std=0.35,
+                                     windows_per_call=W, mean=MEAN, std=STD,
                                      batch_apps=_BATCH_APPS.value, fused=_FUSED.value)
             rt.time_calls(frames, 2)  # compile and warm up
             configs.append((n, p, rt))
-    # One round times every configuration and every cost probe once, so the profile and
-    # the throughputs see the same load from the other processes on this machine.
-    times = np.zeros((_REPEATS.value, len(configs)))
+    used = sorted({(a, b) for _, _, rt in configs for a, b, _, _ in rt.pieces})
+    sizes = sorted({m for _, _, rt in configs for _, _, m, _ in rt.pieces})
+    if len(sizes) != 1:
+        raise ValueError(f"pieces run on several frame counts {sizes}")
+    piece_list = profiling.all_pieces(spec.num_layers) if _ALL_PIECES.value else used
+    t_pieces = time.perf_counter()
+    pprobes = profiling.piece_probes(model, base, SHAPE, batch=sizes[0], mean=MEAN, std=STD,
+                                     pieces=piece_list)
+    for _ in range(2):  # compile (shared with the runtime where the frames match) and warm up
+        for _, fn, args in pprobes:
+            profiling.time_call(fn, *args)
+    piece_compile_s = time.perf_counter() - t_pieces
+    # One round times every configuration and every cost probe once, in a random order
+    # per round, so the profile and the throughputs see the same load from the other
+    # processes on this machine and no probe always follows the same calls.
+    times = np.zeros((_REPEATS.value, len(configs)))  # single calls (the goal's measure)
+    stream_times = np.zeros((_REPEATS.value, len(configs)))  # --calls back to back
     probe_times = np.zeros((_REPEATS.value, len(probes)))
+    # Pieces as the profiler times them (profiling.measure_piece_costs: in bursts, plus
+    # the trivial op in a burst and alone), and, for comparison, each waited for alone.
+    piece_times = np.zeros((_REPEATS.value, len(pprobes) + 2))
+    alone_times = np.zeros((_REPEATS.value, len(pprobes) + 2))
+    over_fn, over_args = probes[-1]
+    m = _BURST.value
+    tasks = []
+    for c, (_, _, rt) in enumerate(configs):
+        tasks.append((times, c, lambda rt=rt: rt.time_calls(frames, 1)[0]))
+        tasks.append((stream_times, c, lambda rt=rt: rt.time_calls(frames, 1,
+                                                                   _CALLS.value)[0]))
+    for j, (fn, args) in enumerate(probes):
+        tasks.append((probe_times, j, lambda fn=fn, args=args: profiling.time_call(fn, *args)))
+    for j, (_, fn, args) in enumerate(pprobes):
+        tasks.append((piece_times, j, lambda fn=fn, args=args: profiling.time_burst(
+            fn, args, m)))
+        tasks.append((alone_times, j, lambda fn=fn, args=args: profiling.time_call(
+            fn, *args)))
+    n_p = len(pprobes)
+    tasks.append((piece_times, n_p, lambda: profiling.time_burst(over_fn, over_args, m)))
+    tasks.append((piece_times, n_p + 1, lambda: profiling.time_call(over_fn, *over_args)))
+    rng = np.random.default_rng(_SEED.value)
     for r in range(_REPEATS.value):
-        for c, (_, _, rt) in enumerate(configs):
-            times[r, c] = rt.time_calls(frames, 1)[0]
-        probe_times[r] = [profiling.time_call(fn, *args) for fn, args in probes]
+        for i in rng.permutation(len(tasks)):
+            table, col, fn = tasks[i]
+            table[r, col] = fn()
+    alone_times[:, n_p:] = piece_times[:, [n_p + 1, n_p + 1]]
     costs = profiling.costs_from_times(probe_times, F * W)
+    pieces = profiling.piece_costs_from_times(piece_times, piece_list, sizes,
+                                              spec.num_layers)
+    alone = profiling.piece_costs_from_times(alone_times, piece_list, sizes,
+                                             spec.num_layers)
     lam = costs.ms_per_frame
     # Another calibration from the same timings, for comparison: each layer's own time
     # less the overhead, not scaled to the whole network's time.
@@ -103,11 +165,19 @@ def main(argv):
     rows = []
     for c, (n, p, rt) in enumerate(configs):
         measured = F * W / float(np.median(times[:, c]))
+        stream = F * W / float(np.median(stream_times[:, c]))
         cost = float(cost_model.schedule_cost([p["num_frozen"]] * n, [F] * n, lam))
-        call_ms = rt.predicted_call_ms(lam, costs.overhead_ms)
+        call_ms = rt.predicted_call_ms(lam, costs.overhead_ms, pieces)
         predicted = F * W * 1000.0 / call_ms
         rows.append({"num_apps": n, **p, "measured_fps": measured,
+                     "measured_fps_calls_back_to_back": stream,
                      "predicted_fps": predicted,
+                     "predicted_fps_layers": F * W * 1000.0 / rt.predicted_call_ms(
+                         lam, costs.overhead_ms),
+                     "predicted_fps_pieces_alone": F * W * 1000.0 / rt.predicted_call_ms(
+                         lam, costs.overhead_ms, alone),
+                     "predicted_fps_pieces_no_sync": F * W * 1000.0 / (rt.predicted_call_ms(
+                         lam, costs.overhead_ms, pieces) - pieces.sync_ms),
                      **{f"predicted_fps_{name}": F * W * 1000.0 / rt.predicted_call_ms(
                          alt, costs.overhead_ms) for name, alt in other_costs.items()},
                      "predicted_fps_no_overhead": F * 1000.0 / cost,
@@ -129,6 +199,14 @@ def main(argv):
     for name in other_costs:
         summary[f"points_within_15_percent_{name}"] = int(sum(
             abs(r["measured_fps"] / r[f"predicted_fps_{name}"] - 1.0) <= 0.15 for r in rows))
+    summary["points_within_15_percent_layers"] = int(sum(
+        abs(r["measured_fps"] / r["predicted_fps_layers"] - 1.0) <= 0.15 for r in rows))
+    summary["points_within_15_percent_calls_back_to_back"] = int(sum(
+        abs(r["measured_fps_calls_back_to_back"] / r["predicted_fps"] - 1.0) <= 0.15
+        for r in rows))
+    for name in ("pieces_alone", "pieces_no_sync"):
+        summary[f"points_within_15_percent_{name}"] = int(sum(
+            abs(r["measured_fps"] / r[f"predicted_fps_{name}"] - 1.0) <= 0.15 for r in rows))
     summary["points_within_15_percent_without_overhead_term"] = int(sum(
         abs(r["measured_fps"] / r["predicted_fps_no_overhead"] - 1.0) <= 0.15 for r in rows))
     out = {
@@ -137,7 +215,15 @@ def main(argv):
         "layer_ms_per_frame": lam.tolist(), "layer_alone_ms": costs.raw_ms.tolist(),
         "network_fused_ms": costs.full_ms,
         "overhead_ms": costs.overhead_ms, "cost_batch": costs.batch,
-        "repeats": _REPEATS.value, "batch_apps": _BATCH_APPS.value, "fused": _FUSED.value,
+        "piece_batch": sizes[0], "piece_burst": m,
+        "piece_overhead_ms": pieces.overhead_ms, "piece_sync_ms": pieces.sync_ms,
+        "piece_ms_per_call": {f"{a},{b}": float(pieces.ms_per_frame[0, a, b] * sizes[0])
+                              for a, b in pieces.pieces},
+        "piece_alone_ms_per_call": {f"{a},{b}": float(alone.ms_per_frame[0, a, b] * sizes[0])
+                                    for a, b in alone.pieces},
+        "piece_compile_and_warmup_s": piece_compile_s,
+        "repeats": _REPEATS.value, "calls_per_timing": _CALLS.value,
+        "batch_apps": _BATCH_APPS.value, "fused": _FUSED.value,
         "rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0,
     }
     os.makedirs(_OUT.value, exist_ok=True)
@@ -151,17 +237,22 @@ def main(argv):
         ax.plot(num_apps, [r["measured_fps"] for r in rs], "o-", color=f"C{i}", label=label)
         ax.plot(num_apps, [r["predicted_fps"] for r in rs], "--", color=f"C{i}", alpha=0.6)
     ax.set_xlabel("number of apps")
-    ax.set_ylabel("frames/s (dashed: cost model)")
+    ax.set_ylabel("frames/s (dashed: cost model, piece costs)")
     ax.set_yscale("log")
     ax.set_title(f"Stem-sharing runtime throughput ({out['device']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(_OUT.value, "throughput.png"), dpi=120)
-    print(f"{'N':>3} {'k':>3} {'layers':>7} {'measured':>10} {'predicted':>10} {'error':>7}")
+    print(f"{'N':>3} {'k':>3} {'layers':>7} {'measured':>10} {'predicted':>10} {'error':>7}"
+          f" {'layers':>8} {'alone':>7} {'no sync':>7} {'calls':>7}")
     for r in rows:
         print(f"{r['num_apps']:>3} {r['num_frozen']:>3} {r['layer_share']:>7.0%} "
               f"{r['measured_fps']:>10.0f} {r['predicted_fps']:>10.0f} "
-              f"{r['relative_error']:>+7.1%}")
+              f"{r['relative_error']:>+7.1%} "
+              f"{r['measured_fps'] / r['predicted_fps_layers'] - 1:>+8.1%}"
+              f"{r['measured_fps'] / r['predicted_fps_pieces_alone'] - 1:>+8.1%}"
+              f"{r['measured_fps'] / r['predicted_fps_pieces_no_sync'] - 1:>+8.1%}"
+              f"{r['measured_fps_calls_back_to_back'] / r['predicted_fps'] - 1:>+8.1%}")
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -79,6 +79,68 @@ A problem file is one JSON object:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class PieceCosts:
+    """Measured cost of every piece a stem-sharing runtime runs (optional profile part).
+
+    A runtime that runs each stem segment and each app's branch as its own call (the e2e
+    ``StemRuntime``) pays per call what that piece costs as one compiled program, which
+    is not the sum of its layers' costs (XLA fuses across layers; a cut changes what it
+    fuses). Piece ``(start, end)``: ``end < L`` is the stem segment of layers
+    ``[start, end)``; ``end == L`` is the branch from ``start`` to the output (its
+    layers and the one-logit head). Pieces from layer 0 read the raw frames.
+
+    Attributes:
+      num_layers: L.
+      batches: int64 [S], strictly increasing frame counts the pieces were timed on.
+      ms_per_frame: float64 [S, L + 1, L + 1]; ``[s, a, b]`` = the time of one call of
+        piece ``(a, b)`` on ``batches[s]`` frames (as a runtime dispatches it: among
+        calls issued back to back), divided by ``batches[s]``; NaN where not measured
+        (every entry with ``a >= b``, and pieces left out). A piece is measured at every
+        size or at none.
+      overhead_ms: the time of a trivial call issued the same way (dispatch), the floor
+        of :meth:`call_ms`'s size model.
+      sync_ms: the wait for the results, once per runtime call (a trivial call waited
+        for alone, less ``overhead_ms``).
+    """
+
+    num_layers: int
+    batches: np.ndarray
+    ms_per_frame: np.ndarray
+    overhead_ms: float
+    sync_ms: float = 0.0
+
+    def has(self, start: int, end: int) -> bool:
+        return (0 <= start < end <= self.num_layers
+                and bool(np.isfinite(self.ms_per_frame[0, start, end])))
+
+    @property
+    def pieces(self) -> list[tuple[int, int]]:
+        """The measured pieces ``(start, end)``, sorted."""
+        a, b = np.nonzero(np.isfinite(self.ms_per_frame[0]))
+        return sorted(zip(a.tolist(), b.tolist(), strict=True))
+
+    def call_ms(self, start: int, end: int, frames: float) -> float:
+        """Predicted time of one call of piece ``(start, end)`` on ``frames`` frames.
+
+        At a measured size: the measurement. Between two measured sizes: linear in the
+        frames between them. Below the smallest size (and above the largest when only
+        one was measured): the dispatch overhead plus work proportional to the frames,
+        ``overhead + (T_1 - overhead) * frames / B_1``. Above the largest of several
+        sizes: the last interval's line, extended.
+        """
+        if not self.has(start, end):
+            raise KeyError(f"piece ({start}, {end}) was not measured")
+        if frames <= 0:
+            raise ValueError(f"frames must be > 0, got {frames}")
+        b = self.batches.astype(np.float64)
+        t = self.ms_per_frame[:, start, end] * b
+        if frames <= b[0] or b.size == 1:
+            return float(self.overhead_ms + (t[0] - self.overhead_ms) * frames / b[0])
+        j = min(int(np.searchsorted(b, frames)), b.size - 1)
+        return float(t[j - 1] + (t[j] - t[j - 1]) * (frames - b[j - 1]) / (b[j] - b[j - 1]))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class BaseNetwork:
     """The shared base network: per-layer cost and (optionally) parameter bytes.
 
@@ -90,6 +152,8 @@ class BaseNetwork:
       layer_bytes: float64 [L] parameter bytes per layer, or None when unknown (then no
         memory budget can be used).
       layer_names: optional names, for reports.
+      piece_costs: optional measured costs of whole pieces (:class:`PieceCosts`, for a
+        runtime's cost prediction; the planners use ``layer_costs``).
     """
 
     name: str
@@ -97,6 +161,7 @@ class BaseNetwork:
     chokepoints: np.ndarray
     layer_bytes: np.ndarray | None = None
     layer_names: tuple[str, ...] | None = None
+    piece_costs: PieceCosts | None = None
 
     @property
     def num_layers(self) -> int:
@@ -214,6 +279,49 @@ def _check_budget(budget: Any) -> float:
     return _check_scalar(budget, "budget", 0.0, math.inf, low_open=True)
 
 
+def make_piece_costs(num_layers: int, batches: Any, ms_per_frame: Any,
+                     overhead_ms: float, sync_ms: float = 0.0, *,
+                     what: str = "piece_costs") -> PieceCosts:
+    """Validates and builds :class:`PieceCosts` (see there for the layout)."""
+    num_layers = int(num_layers)
+    if num_layers < 1:
+        raise _fail(what, f"num_layers must be >= 1, got {num_layers}")
+    b = _as_finite_array(batches, f"{what}: batches")
+    if b.size == 0 or np.any(b != np.round(b)) or np.any(b < 1):
+        raise _fail(f"{what}: batches", f"need whole frame counts >= 1, got {b.tolist()}")
+    if np.any(np.diff(b) <= 0):
+        raise _fail(f"{what}: batches", f"must strictly increase, got {b.tolist()}")
+    try:
+        ms = np.array(ms_per_frame, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise _fail(f"{what}: ms_per_frame", "expected an array of numbers") from e
+    want = (b.size, num_layers + 1, num_layers + 1)
+    if ms.shape != want:
+        raise _fail(f"{what}: ms_per_frame", f"has shape {ms.shape}, expected {want} "
+                    "(batches x (L + 1) x (L + 1))")
+    if np.any(np.isinf(ms)):
+        raise _fail(f"{what}: ms_per_frame", "has an infinite entry")
+    upper = np.triu(np.ones((num_layers + 1, num_layers + 1), bool), 1)
+    if np.any(np.isfinite(ms[:, ~upper])):
+        s, a, e = np.argwhere(np.isfinite(ms) & ~upper[None])[0]
+        raise _fail(f"{what}: ms_per_frame", f"piece ({a}, {e}) at batch {int(b[s])} has "
+                    "start >= end; only pieces start < end exist")
+    measured = np.isfinite(ms)
+    if np.any(measured != measured[:1]):
+        s, a, e = np.argwhere(measured != measured[:1])[0]
+        raise _fail(f"{what}: ms_per_frame", f"piece ({a}, {e}) is measured at some "
+                    "batches but not at all of them")
+    if not measured.any():
+        raise _fail(f"{what}: ms_per_frame", "no piece is measured")
+    if np.any(ms[measured] <= 0):
+        s, a, e = np.argwhere(measured & (np.nan_to_num(ms, nan=1.0) <= 0))[0]
+        raise _fail(f"{what}: ms_per_frame", f"piece ({a}, {e}) at batch {int(b[s])} has "
+                    f"non-positive cost {ms[s, a, e]}")
+    over = _check_scalar(overhead_ms, f"{what}: overhead_ms", 0.0, math.inf)
+    sync = _check_scalar(sync_ms, f"{what}: sync_ms", 0.0, math.inf)
+    return PieceCosts(num_layers, b.astype(np.int64), ms, over, sync)
+
+
 def make_network(
     layer_costs: Any,
     chokepoints: Any,
@@ -221,6 +329,7 @@ def make_network(
     layer_bytes: Any = None,
     layer_names: Sequence[str] | None = None,
     name: str = "network",
+    piece_costs: PieceCosts | None = None,
 ) -> BaseNetwork:
     """Validates and builds a :class:`BaseNetwork`."""
     costs = _as_finite_array(layer_costs, f"network {name!r}: layer_costs")
@@ -256,8 +365,16 @@ def make_network(
         names = tuple(str(n) for n in layer_names)
         if len(names) != costs.size:
             raise _fail(f"network {name!r}: layer_names", "must name every layer")
+    if piece_costs is not None:
+        if not isinstance(piece_costs, PieceCosts):
+            raise _fail(f"network {name!r}: piece_costs", "expected PieceCosts (build with "
+                        "make_piece_costs)")
+        if piece_costs.num_layers != costs.size:
+            raise _fail(f"network {name!r}: piece_costs", f"are for {piece_costs.num_layers} "
+                        f"layers but the network has {costs.size}")
     return BaseNetwork(
-        name=name, layer_costs=costs, chokepoints=cps, layer_bytes=nbytes, layer_names=names
+        name=name, layer_costs=costs, chokepoints=cps, layer_bytes=nbytes, layer_names=names,
+        piece_costs=piece_costs,
     )
 
 
@@ -464,12 +581,57 @@ def _column(rows: list[dict[str, str]], key: str, path: str) -> list[str]:
     return [r[key] for r in rows]
 
 
+PIECE_COLUMNS = ("start", "end", "batch", "ms_per_frame")
+
+
+def _load_piece_costs(directory: str, spec: Any, num_layers: int, meta_path: str
+                      ) -> PieceCosts:
+    what = f"{meta_path}: piece_costs"
+    if not isinstance(spec, Mapping) or set(spec) != {"file", "overhead_ms", "sync_ms"}:
+        raise _fail(what, 'expected {"file": <csv>, "overhead_ms": <number>, "sync_ms": '
+                    f"<number>}}, got {spec!r}")
+    path = os.path.join(directory, str(spec["file"]))
+    if not os.path.exists(path):
+        raise _fail(what, f"file {path} does not exist")
+    rows = _read_csv(path)
+    cols = {c: _column(rows, c, path) for c in PIECE_COLUMNS}
+    try:
+        start, end, batch = (np.array([float(x) for x in cols[c]])
+                             for c in ("start", "end", "batch"))
+        cost = np.array([float(x) for x in cols["ms_per_frame"]])
+    except ValueError as e:
+        raise _fail(path, f"every entry must be a number ({e})") from e
+    for name, col in (("start", start), ("end", end), ("batch", batch)):
+        if np.any(col != np.round(col)):
+            raise _fail(path, f"column {name!r} must hold whole numbers")
+    bad = np.flatnonzero((start < 0) | (end > num_layers) | (start >= end))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(path, f"row {i + 2}: piece ({int(start[i])}, {int(end[i])}) needs "
+                    f"0 <= start < end <= {num_layers} (end {num_layers} = a branch to "
+                    "the output)")
+    batches = np.unique(batch)
+    ms = np.full((batches.size, num_layers + 1, num_layers + 1), np.nan)
+    for i, (a, e, n, c) in enumerate(zip(start, end, batch, cost, strict=True)):
+        s = int(np.searchsorted(batches, n))
+        if np.isfinite(ms[s, int(a), int(e)]):
+            raise _fail(path, f"row {i + 2}: piece ({int(a)}, {int(e)}) at batch {int(n)} "
+                        "is listed twice")
+        ms[s, int(a), int(e)] = c
+    return make_piece_costs(num_layers, batches, ms, spec["overhead_ms"], spec["sync_ms"],
+                            what=path)
+
+
 def load_profile_dir(directory: str, *, clean: bool = True) -> ProfileLibrary:
     """Loads a profile directory in the shipped CSV/JSON format.
 
     ``profile.json`` names the chokepoints, the app types (accuracy file and event
     parameters) and the scenario generator; ``layer_costs.csv`` has a ``relative_cost``
-    column; the optional ``layer_params.csv`` a ``param_bytes`` column.
+    column; the optional ``layer_params.csv`` a ``param_bytes`` column. An optional
+    ``"piece_costs": {"file": "piece_costs.csv", "overhead_ms": x, "sync_ms": y}`` in
+    ``profile.json`` names a table of measured piece costs (:class:`PieceCosts`), one
+    row per piece and batch with columns ``start, end, batch, ms_per_frame`` (``end`` =
+    the number of layers for a branch to the output).
     """
     meta_path = os.path.join(directory, "profile.json")
     try:
@@ -488,12 +650,16 @@ def load_profile_dir(directory: str, *, clean: bool = True) -> ProfileLibrary:
         layer_bytes = [float(x) for x in _column(param_rows, "param_bytes", param_path)]
     if "chokepoints" not in meta:
         raise _fail(meta_path, "missing field 'chokepoints'")
+    pieces = None
+    if meta.get("piece_costs") is not None:
+        pieces = _load_piece_costs(directory, meta["piece_costs"], len(costs), meta_path)
     network = make_network(
         costs,
         meta["chokepoints"],
         layer_bytes=layer_bytes,
         layer_names=names,
         name=str(meta.get("model", os.path.basename(directory.rstrip("/")))),
+        piece_costs=pieces,
     )
     app_types: dict[str, AppProfile] = {}
     for app_name, spec in meta.get("apps", {}).items():

@@ -56,6 +56,13 @@ def get_config(setting: str = "cpu") -> ml_collections.ConfigDict:
     # the low budgets' work (60 s per call here).
     c.windows_per_call = 6
     c.cost_repeats = 20
+    # Piece costs (profiling.measure_piece_costs): every stem segment and branch the
+    # runtime can run, timed at these frame counts per call (a call runs a piece on
+    # windows_per_call * window_s * fps frames: 60 x fps here; empty: no piece table),
+    # in bursts of piece_burst back-to-back calls, piece_repeats rounds.
+    c.piece_batches = (60, 600)
+    c.piece_burst = 4
+    c.piece_repeats = 5
     c.batch_apps = False  # vmap same-(k, fps) branches: not linear in N on the CPU (runtime.py)
     c.fused = False  # one jitted call per stem segment and branch group (runtime.py)
     # Planning.

@@ -70,6 +70,15 @@ def _split(ds, config):
     return base_ids, ft_ids, prof_ids, stream_ids
 
 
+def _runtime_pieces(spec: basenet.NetSpec) -> list[tuple[int, int]]:
+    """Pieces a StemRuntime can run with this spec's chokepoints: stem segments between
+    chokepoints (from the input) and branches from every chokepoint."""
+    points = [k for k in spec.chokepoints if k > 0]
+    L = spec.num_layers
+    return sorted([(a, b) for a in [0, *points] for b in points if a < b]
+                  + [(k, L) for k in spec.chokepoints])
+
+
 def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[str, Any]:
     """Runs the whole loop and writes ``report.json``, ``report.md`` and the profile
     directory (``profile/``) under ``out_dir``; returns the report."""
@@ -158,11 +167,26 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
     batch = frames_per_call
     costs = profiling.measure_layer_costs(app_model, basenet.init_variables(
         app_model, image_shape, 0), image_shape, batch=batch, repeats=config.cost_repeats)
+    phase("profile_layer_costs", t0)
+    # Every piece the runtime can run (stem segments and branches between chokepoints),
+    # timed with the runtime's own jitted functions at the frame counts in
+    # config.piece_batches (a runtime call runs a piece on 60 x fps frames here).
+    t0 = time.perf_counter()
+    pieces = None
+    if config.piece_batches:
+        pieces = profiling.measure_piece_costs(
+            app_model, basenet.init_variables(app_model, image_shape, 0), image_shape,
+            batches=list(config.piece_batches), mean=mean, std=std,
+            pieces=_runtime_pieces(spec), burst=config.piece_burst,
+            repeats=config.piece_repeats)
+    phase("profile_piece_costs", t0)
+    t0 = time.perf_counter()
     layer_bytes = basenet.layer_param_bytes(basenet.init_variables(app_model, image_shape, 0),
                                             spec)
     network = profiles.make_network(costs.ms_per_frame, spec.chokepoints,
                                     layer_bytes=layer_bytes, layer_names=spec.layer_names,
-                                    name=f"e2e MobileNet-style ({len(spec.layers)} layers)")
+                                    name=f"e2e MobileNet-style ({len(spec.layers)} layers)",
+                                    piece_costs=pieces)
     apps = [profiles.make_app(
         n, network, num_frozen=spec.chokepoints, accuracy=acc[a], false_positive_rate=fpr[a],
         event_length_ms=config.event_length_ms[a], event_frequency=config.event_frequency[a],
@@ -179,7 +203,7 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
     # head-only detector hit 100 % took k = 13's false-positive rate (0.20 against 0.06
     # measured at k = 0), predicting precision 0.35 where the stream showed 0.76.
     library = profiles.load_profile_dir(profile_dir, clean=False)
-    phase("profile_costs", t0)
+    phase("write_profile", t0)
 
     t0 = time.perf_counter()
     call_s = config.windows_per_call * config.window_s
@@ -234,6 +258,10 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
             # measured; the cost model's per-frame work does not include it.
             predicted_call = rt.predicted_call_ms(library.network.layer_costs,
                                                   costs.overhead_ms)
+            # The measured piece costs (the profile's table) summed over the calls.
+            piece_call = (rt.predicted_call_ms(library.network.layer_costs,
+                                               costs.overhead_ms, library.network.piece_costs)
+                          if library.network.piece_costs is not None else float("nan"))
             per_app = []
             for a, asg in enumerate(sched.apps):
                 obs = streams.score_app(stream, a, res.frames[a], res.logits[a] > 0)
@@ -253,6 +281,7 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
                 "observed_mean_f1": float(np.mean([p["observed"]["f1"] for p in per_app])),
                 "predicted_cost_ms_per_s": sched.total_cost,
                 "call_overhead_ms_per_s": predicted_call / call_s - sched.total_cost,
+                "piece_predicted_cost_ms_per_s": piece_call / call_s,
                 "jitted_calls_per_call": rt.num_calls,
                 "measured_cost_ms_per_s": measured_cost,
                 "frames_per_s": res.frames_per_s, "apps": per_app})
@@ -303,27 +332,30 @@ def format_report(report: dict[str, Any]) -> str:
              f"{report['wall_s']:.0f} s", "",
              "Costs are ms of compute per second of stream; 'cost predicted' is the cost model "
              "on the profiled layer costs, '+ overhead' adds the measured dispatch cost of the "
+             "runtime's calls; 'pieces' is the sum of the profiled piece costs over the "
              "runtime's calls.", "",
              "'F1 predicted' is the planner's event model; 'earlier model' evaluates the same "
              "schedule with c between samples and the false-positive rate over all held-out "
              "negatives.", "",
              "| budget (x no-sharing full) | planner | F1 predicted | F1 observed | gap | "
-             "F1 earlier model | cost predicted | + overhead | cost measured | "
-             "measured / (+ overhead) | frames/s |", "|" + "---|" * 11]
+             "F1 earlier model | cost predicted | + overhead | pieces | cost measured | "
+             "measured / (+ overhead) | measured / pieces | frames/s |", "|" + "---|" * 13]
     for r in report["runs"]:
         if "infeasible" in r:
             lines.append(f"| {r['budget_fraction']:g} | {r['planner']} | infeasible "
-                         "(F1 0) |||||||")
+                         "(F1 0) |||||||||")
             continue
         with_overhead = r["predicted_cost_ms_per_s"] + r["call_overhead_ms_per_s"]
+        pieces = r.get("piece_predicted_cost_ms_per_s", float("nan"))
         lines.append(
             f"| {r['budget_fraction']:g} | {r['planner']} | {r['predicted_mean_f1']:.3f} | "
             f"{r['observed_mean_f1']:.3f} | "
             f"{r['observed_mean_f1'] - r['predicted_mean_f1']:+.3f} | "
             f"{r.get('predicted_mean_f1_corrected_model', float('nan')):.3f} | "
             f"{r['predicted_cost_ms_per_s']:.3f} | "
-            f"{with_overhead:.3f} | {r['measured_cost_ms_per_s']:.3f} | "
+            f"{with_overhead:.3f} | {pieces:.3f} | {r['measured_cost_ms_per_s']:.3f} | "
             f"{r['measured_cost_ms_per_s'] / with_overhead - 1:+.1%} | "
+            f"{r['measured_cost_ms_per_s'] / pieces - 1:+.1%} | "
             f"{r['frames_per_s']:.0f} |")
     beats = report.get("mainstream_observed_beats_every_baseline", {})
     if beats:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mainstream_jax import profiles
-from mainstream_jax.e2e import basenet
+from mainstream_jax.e2e import basenet, runtime
 
 COST_UNIT = "ms_per_frame"
 
@@ -67,6 +67,14 @@ def time_call(fn, *args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
+
+
+def time_burst(fn, args: tuple, calls: int) -> float:
+    """Seconds per call of ``calls`` calls dispatched back to back (as a runtime call
+    dispatches its pieces), with one ``block_until_ready`` at the end."""
+    start = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(calls)])
+    return (time.perf_counter() - start) / calls
 
 
 def measure_layer_costs(
@@ -129,7 +137,7 @@ def cost_probes(
     probes.append((jax.jit(lambda v, h: model.apply(v, h, 0, None, False)), (variables, x0)))
     # The dispatch overhead: a trivial op on one number, so that it measures the cost of
     # a jitted call and not of touching `batch` frames (on 600 frames, h + 1 took 7 ms).
-    probes.append((jax.jit(lambda h: h + 1.0), (jnp.zeros((1,), jnp.float32),)))
+    probes.append(overhead_probe())
     return probes
 
 
@@ -140,6 +148,133 @@ def costs_from_times(times: np.ndarray, batch: int) -> LayerCosts:
     alone = np.maximum(raw - over, 0.0)
     scale = max(full - over, 0.0) / alone.sum() if alone.sum() > 0 else 0.0
     return LayerCosts(alone * scale / batch, raw, full, over, batch, int(times.shape[0]))
+
+
+def all_pieces(num_layers: int) -> list[tuple[int, int]]:
+    """Every piece a :class:`runtime.StemRuntime` can run on a chain of ``num_layers``
+    layers whose every boundary is a chokepoint: stem segments ``[a, b)`` with
+    ``0 <= a < b < L`` and branches ``(k, L)`` with ``0 <= k < L`` (L (L + 1) / 2)."""
+    return [(a, b) for a in range(num_layers) for b in range(a + 1, num_layers + 1)]
+
+
+def piece_probes(
+    model: basenet.ChokepointNet, variables: dict, image_shape: Sequence[int], *,
+    batch: int, mean: float, std: float, pieces: Sequence[tuple[int, int]] | None = None,
+    seed: int = 0,
+) -> list[tuple[tuple[int, int], Any, tuple]]:
+    """The runtime's own jitted functions for each piece, as ((start, end), fn, args).
+
+    Stem segment ``(a, b)`` (``b < L``) is ``runtime._segment_fn`` with the layers
+    ``[a, b)`` of ``variables``; branch ``(k, L)`` is ``runtime._group_fn`` with the
+    layers ``[k, L)`` stacked for one app (what the unbatched runtime dispatches). Both
+    are the runtime's cached functions with the same static arguments (``mean``,
+    ``std`` must be the runtime's) and argument structure, so a probe and the runtime
+    share the compilation when the frame counts match. Inputs: ``batch`` random uint8
+    frames for pieces from layer 0 (they normalise them), else ``batch`` random
+    activations of layer ``a``'s input shape; the row selection is the identity.
+    """
+    spec = model.spec
+    L = spec.num_layers
+    pieces = all_pieces(L) if pieces is None else [tuple(map(int, p)) for p in pieces]
+    for a, b in pieces:
+        if not 0 <= a < b <= L:
+            raise ValueError(f"piece ({a}, {b}) needs 0 <= start < end <= {L}")
+    shapes = basenet.activation_shapes(model, image_shape)
+    rng = np.random.default_rng(seed)
+    idx = jnp.asarray(np.arange(batch))
+    inputs: dict[int, jax.Array] = {}
+    probes = []
+    for a, b in pieces:
+        if a not in inputs:
+            inputs[a] = (jnp.asarray(rng.integers(0, 256, (batch, *image_shape), np.uint8))
+                         if a == 0 else
+                         jnp.asarray(rng.normal(size=(batch, *shapes[a])), jnp.float32))
+        if b < L:
+            fn = runtime._segment_fn(model, a, b, mean, std, a == 0, True)
+            v = basenet.select_layers(variables, spec, a, b)
+        else:
+            fn = runtime._group_fn(model, a, mean, std, a == 0, True)
+            v = jax.tree.map(lambda t: jnp.stack([t]),
+                             basenet.select_layers(variables, spec, a, L))
+        probes.append(((a, b), fn, (v, inputs[a], idx)))
+    return probes
+
+
+def overhead_probe() -> tuple[Any, tuple]:
+    """The dispatch-overhead probe of :func:`cost_probes`: a trivial jitted op on one
+    number."""
+    return jax.jit(lambda h: h + 1.0), (jnp.zeros((1,), jnp.float32),)
+
+
+def measure_piece_costs(
+    model: basenet.ChokepointNet,
+    variables: dict,
+    image_shape: Sequence[int],
+    *,
+    batches: Sequence[int],
+    mean: float,
+    std: float,
+    pieces: Sequence[tuple[int, int]] | None = None,
+    burst: int = 4,
+    repeats: int = 10,
+    warmup: int = 1,
+    seed: int = 0,
+) -> profiles.PieceCosts:
+    """Measured cost of each piece (default: :func:`all_pieces`) at each frame count in
+    ``batches``, with the runtime's own jitted functions (:func:`piece_probes`).
+
+    A runtime call dispatches its pieces back to back and waits once, so a piece is
+    timed the same way: ``burst`` calls issued back to back, one ``block_until_ready``,
+    time per call (:func:`time_burst`). The trivial op of :func:`cost_probes` is timed
+    in bursts too (``overhead_ms``) and alone (``sync_ms`` = alone less burst: the one
+    wait per runtime call). Warm-up (the first round compiles), then ``repeats`` rounds
+    that time every probe once (all batches interleaved, so a burst of load from other
+    processes hits all alike), median per probe. Nothing is derived from other pieces:
+    segment ``[a, c)`` is timed, not summed from ``[a, b)`` and ``[b, c)``.
+
+    Why bursts: on one CPU core, a piece waited for alone cost 0.1-0.7 ms more than in
+    a burst (branch ``[7, 14)``: 1.62 against 1.31 ms per 100 frames; ``[11, 14)``: 0.42
+    against 0.12), and N apps' branches in the runtime cost the burst figure each; the
+    blocked figures got 14-16 of 32 throughput points within 15 %, bursts 29-30.
+    """
+    if repeats < 1 or warmup < 0 or burst < 1 or not batches:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, burst >= 1 and a batch; got "
+                         f"{repeats}, {warmup}, {burst}, {batches}")
+    batches = sorted(int(b) for b in batches)
+    probes = [p for b in batches for p in piece_probes(
+        model, variables, image_shape, batch=b, mean=mean, std=std, pieces=pieces,
+        seed=seed)]
+    over_fn, over_args = overhead_probe()
+
+    def one_round():
+        return [time_burst(fn, args, burst) for _, fn, args in probes] + [
+            time_burst(over_fn, over_args, burst), time_call(over_fn, *over_args)]
+
+    for _ in range(warmup + 1):
+        one_round()
+    times = np.array([one_round() for _ in range(repeats)])
+    n = len(probes) // len(batches)
+    return piece_costs_from_times(times, [p[0] for p in probes[:n]], batches,
+                                  model.spec.num_layers)
+
+
+def piece_costs_from_times(times: np.ndarray, pieces: Sequence[tuple[int, int]],
+                           batches: Sequence[int], num_layers: int) -> profiles.PieceCosts:
+    """:class:`profiles.PieceCosts` from seconds per call [repeats, len(batches) *
+    len(pieces) + 2]: the probes of :func:`measure_piece_costs` batch-major, then the
+    trivial op in a burst and alone. Median per probe; a piece's entry is its call time
+    over the batch's frames; ``sync_ms`` = trivial alone less trivial in a burst (>= 0)."""
+    times = np.asarray(times)
+    if times.ndim != 2 or times.shape[1] != len(batches) * len(pieces) + 2:
+        raise ValueError(f"times {times.shape}: expected [repeats, {len(batches)} batches x "
+                         f"{len(pieces)} pieces + 2]")
+    med = np.median(times, axis=0) * 1e3
+    ms = np.full((len(batches), num_layers + 1, num_layers + 1), np.nan)
+    for s, b in enumerate(batches):
+        for j, (a, e) in enumerate(pieces):
+            ms[s, a, e] = med[s * len(pieces) + j] / b
+    return profiles.make_piece_costs(num_layers, batches, ms, float(med[-2]),
+                                     max(float(med[-1] - med[-2]), 0.0))
 
 
 def write_profile_dir(
@@ -154,7 +289,9 @@ def write_profile_dir(
     ``profile.json`` (model, chokepoints, per app its accuracy file and event parameters,
     ``metadata`` under "e2e"), ``layer_costs.csv`` (``relative_cost`` = the network's
     layer costs, here ms per frame), ``layer_params.csv`` (when the network has layer
-    bytes) and ``accuracy/<app>.csv``. The curves are written as given (uncleaned).
+    bytes), ``piece_costs.csv`` (when it has piece costs: one row per measured piece and
+    batch; the overhead in ``profile.json``) and ``accuracy/<app>.csv``. The curves are
+    written as given (uncleaned).
     """
     os.makedirs(os.path.join(directory, "accuracy"), exist_ok=True)
     names = network.layer_names or tuple(f"layer_{i}" for i in range(network.num_layers))
@@ -169,6 +306,17 @@ def write_profile_dir(
             w.writerow(["layer_index", "layer_name", "param_count", "param_bytes"])
             for i, (n, b) in enumerate(zip(names, network.layer_bytes, strict=True)):
                 w.writerow([i, n, int(b) // 4, repr(float(b))])
+    pieces_meta = None
+    pc = network.piece_costs
+    if pc is not None:
+        with open(os.path.join(directory, "piece_costs.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(list(profiles.PIECE_COLUMNS))
+            for s, b in enumerate(pc.batches):
+                for a, e in pc.pieces:
+                    w.writerow([a, e, int(b), repr(float(pc.ms_per_frame[s, a, e]))])
+        pieces_meta = {"file": "piece_costs.csv", "overhead_ms": float(pc.overhead_ms),
+                       "sync_ms": float(pc.sync_ms)}
     app_meta = {}
     for a in apps:
         fname = f"accuracy/{a.name}.csv"
@@ -188,6 +336,7 @@ def write_profile_dir(
         "model": network.name,
         "chokepoints": [int(k) for k in network.chokepoints],
         "cost_unit": COST_UNIT,
+        "piece_costs": pieces_meta,
         "apps": app_meta,
         "e2e": dict(metadata or {}),
     }

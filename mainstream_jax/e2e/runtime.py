@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mainstream_jax import profiles
 from mainstream_jax.e2e import basenet
 
 
@@ -184,8 +185,11 @@ class StemRuntime:
             for i, (v, k) in enumerate(zip(app_variables, self.plan.num_frozen, strict=True)):
                 _check_frozen(i, v, base_variables, spec, k)
         plan = self.plan
-        stem_end = max(plan.num_frozen)
-        stem_vars = basenet.select_layers(base_variables, spec, 0, stem_end)
+        # Each segment gets only its own layers' variables, so that its jitted function
+        # sees the same inputs in every schedule and in the profiler's piece probes
+        # (profiling.piece_probes): one compilation, one measured cost.
+        seg_vars = [basenet.select_layers(base_variables, spec, seg.start, seg.end)
+                    for seg in plan.segments]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, key in enumerate(zip(plan.num_frozen, plan.fps, strict=True)):
             groups.setdefault(key if batch_apps else (i, -1), []).append(i)
@@ -196,7 +200,7 @@ class StemRuntime:
             parts = [basenet.select_layers(app_variables[i], spec, k, spec.num_layers)
                      for i in g]
             branch_vars.append(jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
-        self._variables = (stem_vars, branch_vars)
+        self._variables = (seg_vars, branch_vars)
         w = windows_per_call
         seg_index = []
         parent, parent_rate = tuple(range(window)), window
@@ -223,10 +227,10 @@ class StemRuntime:
         self.fused = fused
 
         def run_call(variables, frames):
-            stem_v, branch_v = variables
+            seg_v, branch_v = variables
             outs = [frames]
-            for fn, idx in zip(seg_fns, seg_index, strict=True):
-                outs.append(fn(stem_v, outs[-1], idx))
+            for fn, sv, idx in zip(seg_fns, seg_v, seg_index, strict=True):
+                outs.append(fn(sv, outs[-1], idx))
             return [fn(bv, outs[plan.app_source[g[0]] + 1], idx)
                     for fn, g, bv, idx in zip(grp_fns, self.groups, branch_v, group_index,
                                               strict=True)]
@@ -241,18 +245,51 @@ class StemRuntime:
         """Jitted calls dispatched per runtime call (each pays the dispatch overhead)."""
         return 1 if self.fused else self.num_pieces
 
+    @property
+    def pieces(self) -> list[tuple[int, int, int, int]]:
+        """The jitted calls of one (unfused) runtime call, in order, as (start, end,
+        frames, apps): stem segments ``[start, end)`` and branch groups (``end`` = the
+        number of layers: the branch from ``start`` to the output, run for ``apps``
+        stacked apps) on ``frames`` frames each."""
+        num_layers = self.model.spec.num_layers
+        out = [(s.start, s.end, n, 1)
+               for n, s in zip(self._seg_frames, self.plan.segments, strict=True)]
+        out += [(self.plan.num_frozen[g[0]], num_layers, n // len(g), len(g))
+                for n, g in zip(self._grp_frames, self.groups, strict=True)]
+        return out
+
     def predicted_call_ms(self, layer_ms_per_frame: np.ndarray,
-                          call_overhead_ms: float = 0.0) -> float:
-        """Predicted time of one runtime call: every segment's and app's frames times its
-        layers' per-frame costs (the cost model's work, tested equal to
+                          call_overhead_ms: float = 0.0,
+                          piece_costs: profiles.PieceCosts | None = None) -> float:
+        """Predicted time of one runtime call.
+
+        Without ``piece_costs`` (or when fused): every segment's and app's frames times
+        its layers' per-frame costs (the cost model's work, tested equal to
         ``cost_model.schedule_cost`` per window) plus ``num_calls`` x the per-call
-        overhead."""
+        overhead. With ``piece_costs`` (unfused): the sum over the jitted calls of each
+        piece's measured call time at its number of frames
+        (:meth:`profiles.PieceCosts.call_ms`), plus the table's ``sync_ms`` once (the
+        wait for the results); a branch group of G ``vmap``-ed apps is one call with G
+        times the piece's work (its time less the table's overhead). A piece the table
+        lacks falls back to its per-layer sum plus ``call_overhead_ms``.
+        """
         lam = np.asarray(layer_ms_per_frame, np.float64)
-        work = sum(n * lam[s.start:s.end].sum()
-                   for n, s in zip(self._seg_frames, self.plan.segments, strict=True))
-        work += sum(n * lam[self.plan.num_frozen[g[0]]:].sum()
-                    for n, g in zip(self._grp_frames, self.groups, strict=True))
-        return float(work + self.num_calls * call_overhead_ms)
+        num_layers = self.model.spec.num_layers
+        if piece_costs is None or self.fused:
+            work = sum(n * g * lam[a:min(b, num_layers)].sum()
+                       for a, b, n, g in self.pieces)
+            return float(work + self.num_calls * call_overhead_ms)
+        if piece_costs.num_layers != num_layers:
+            raise ValueError(f"piece costs for {piece_costs.num_layers} layers, the model "
+                             f"has {num_layers}")
+        total = piece_costs.sync_ms
+        for a, b, n, g in self.pieces:
+            if piece_costs.has(a, b):
+                o = piece_costs.overhead_ms
+                total += o + g * (piece_costs.call_ms(a, b, n) - o)
+            else:
+                total += call_overhead_ms + n * g * lam[a:b].sum()
+        return float(total)
 
     def app_frames(self, app: int, num_frames: int) -> np.ndarray:
         """Stream frame indices app ``app`` processes in a stream of ``num_frames``."""
@@ -292,13 +329,17 @@ class StemRuntime:
         frames_idx = tuple(self.app_frames(i, n) for i in range(num_apps))
         return RunResult(frames_idx, tuple(per_app), wall, n / wall)
 
-    def time_calls(self, frames: jax.Array, repeats: int) -> np.ndarray:
-        """Wall time of ``repeats`` single calls on one chunk (block_until_ready each)."""
+    def time_calls(self, frames: jax.Array, repeats: int, calls: int = 1) -> np.ndarray:
+        """Seconds per call, ``repeats`` times: ``calls`` calls on one chunk dispatched
+        back to back (as :meth:`run` dispatches a stream's calls), one
+        ``block_until_ready`` at the end; ``calls=1``: single calls waited for alone."""
+        if calls < 1:
+            raise ValueError(f"calls must be >= 1, got {calls}")
         out = np.empty(repeats)
         for r in range(repeats):
             start = time.perf_counter()
-            jax.block_until_ready(self.call(frames))
-            out[r] = time.perf_counter() - start
+            jax.block_until_ready([self.call(frames) for _ in range(calls)])
+            out[r] = (time.perf_counter() - start) / calls
         return out
 
 
