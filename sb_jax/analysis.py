@@ -1,6 +1,7 @@
 """Turning runs' metrics into the paper's comparisons: time to a target error, speedups.
 
-Pure functions over lists of metric records (the dicts of metrics.jsonl).
+Pure functions over lists of metric records (the dicts of metrics.jsonl), and over a
+trained model's per-example losses (where the mislabeled examples sit).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 Record = Mapping[str, Any]
 
@@ -99,3 +102,54 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]], targets: Mapping[st
     lines.append("targets (test error %): " + ", ".join(f"{n}: {t:.2f}"
                                                       for n, t in targets.items()))
     return "\n".join(lines)
+
+
+def noise_by_loss_percentile(
+    losses: Any, label_rank: Any, noisy: Any, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Where the mislabeled examples sit in a model's loss distribution.
+
+    ``losses`` float [N]: per-example loss against the training labels; ``label_rank``
+    int [N]: how many classes the model ranks above the training label (0 = predicted);
+    ``noisy`` bool [N]: the corrupted labels. For each percentile range
+    ``[edges[j], edges[j+1])`` of the loss (the last one closed): its size, its share of
+    mislabeled examples, the AUC with which the loss itself ranks mislabeled above clean
+    inside the range (0.5 = no information; None if the range holds only one kind), and
+    the mislabeled share per label rank. Ties in the loss share their rank.
+    """
+    losses = np.asarray(losses, np.float64)
+    label_rank = np.asarray(label_rank)
+    noisy = np.asarray(noisy, bool)
+    n = losses.shape[0]
+    if not (label_rank.shape == noisy.shape == (n,)):
+        raise ValueError(f"losses, label_rank and noisy must all be [N]; got "
+                         f"{losses.shape}, {label_rank.shape}, {noisy.shape}")
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or edges != sorted(edges) or edges[0] < 0 or edges[-1] > 1:
+        raise ValueError(f"edges must be >= 2 increasing numbers in [0, 1], got {edges}")
+    pct = np.searchsorted(np.sort(losses), losses, side="left") / n  # share strictly below
+    rows = []
+    for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        last = j == len(edges) - 2
+        inside = (pct >= lo) & ((pct <= hi) if last else (pct < hi))
+        lab, score = noisy[inside], losses[inside]
+        pos, neg = int(lab.sum()), int((~lab).sum())
+        auc = None
+        if pos and neg:
+            # Mann-Whitney U with average ranks for ties.
+            order = np.argsort(score, kind="stable")
+            ranks = np.empty(len(score))
+            sorted_scores = score[order]
+            start = 0
+            for end in range(1, len(score) + 1):
+                if end == len(score) or sorted_scores[end] != sorted_scores[start]:
+                    ranks[order[start:end]] = 0.5 * (start + end - 1)
+                    start = end
+            auc = float((ranks[lab].sum() - pos * (pos - 1) / 2) / (pos * neg))
+        by_rank = {int(r): {"count": int(np.sum(inside & (label_rank == r))),
+                            "mislabeled_share": float(noisy[inside & (label_rank == r)].mean())}
+                   for r in np.unique(label_rank[inside])}
+        rows.append({"percentiles": [lo, hi], "count": int(inside.sum()),
+                     "mislabeled_share": float(lab.mean()) if inside.any() else None,
+                     "loss_auc": auc, "by_label_rank": by_rank})
+    return rows

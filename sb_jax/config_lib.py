@@ -74,9 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.kath18_reweight = False  # unbiased 1/(N p) weights (the SB paper ran False)
     c.flush_partial_batch = False  # end of epoch: train on a partial batch vs carry over
     # AdaptSB (sb_jax/selection/adapt_sb.py): learned priority per loss-percentile bin.
-    c.adapt_num_bins = 8  # K: classes of examples (loss-percentile bins)
+    c.adapt_num_bins = 16  # K: classes of examples (loss-percentile bins; WORKSPACE.md)
     c.adapt_step_size = 0.3  # EG step on the log-priorities (WORKSPACE.md: Tuning)
-    c.adapt_update_every = 8  # scored chunks per priority update
+    c.adapt_update_every = 16  # scored chunks per priority update (WORKSPACE.md)
     c.adapt_floor = 0.01  # exploration floor of each bin's selection probability
     c.adapt_prior_pull = 0.02  # per update, pull of the log-priorities back to SB's curve
     c.adapt_signal = "dot"  # cosine | dot: how a bin's held-out alignment is measured
@@ -309,6 +309,16 @@ def make_policy_from_config(config: ml_collections.ConfigDict, num_shards: int =
     return policy
 
 
+# Hyperparameters only one selector reads: another selector's run resumes whatever they
+# are (a benchmark that changes an AdaptSB field keeps its finished traditional runs).
+SELECTOR_FIELD_PREFIXES = {"adapt_": "adapt_sb", "rho_": "rho_loss", "kath18_": "kath18"}
+
+
+def _unread_by_selector(name: str, selector: str) -> bool:
+    return any(name.startswith(prefix) and selector != owner
+               for prefix, owner in SELECTOR_FIELD_PREFIXES.items())
+
+
 def _comparable(config: ml_collections.ConfigDict) -> dict:
     return {k: v for k, v in json.loads(config.to_json_best_effort()).items()
             if k not in RESUMABLE_FIELDS}
@@ -335,6 +345,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
             raise ValueError(f"{path} is not valid JSON ({e}); use a new --workdir") from e
     saved = {k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS}
     current = _comparable(config)
+    if saved.get("selector") == current["selector"]:
+        saved = {k: v for k, v in saved.items()
+                 if not _unread_by_selector(k, current["selector"])}
+        current = {k: v for k, v in current.items()
+                   if not _unread_by_selector(k, current["selector"])}
     # Runs saved before these fields existed.
     for name in ("num_devices", "selection_scope", "small_cnn_downsample"):
         saved.setdefault(name, base_config()[name])

@@ -117,6 +117,22 @@ def test_other_config_in_workdir_is_rejected(tmp_path):
         train.train_and_evaluate(tiny_config(num_epochs=1, learning_rate=0.01), str(tmp_path))
 
 
+@pytest.mark.parametrize("field, value", [("adapt_update_every", 3), ("rho_epochs", 1),
+                                          ("kath18_reweight", True)])
+def test_another_selectors_fields_do_not_block_a_resume(tmp_path, field, value):
+    config_lib.save_config(tiny_config(selector="traditional"), str(tmp_path))
+    config_lib.check_resumable(tiny_config(selector="traditional", **{field: value}),
+                               str(tmp_path))  # no error
+    owner = config_lib.SELECTOR_FIELD_PREFIXES[field.split("_")[0] + "_"]
+    config_lib.save_config(tiny_config(selector=owner), str(tmp_path))
+    with pytest.raises(ValueError, match=f"different config.*{field}"):
+        config_lib.check_resumable(tiny_config(selector=owner, **{field: value}),
+                                   str(tmp_path))
+    with pytest.raises(ValueError, match="different config.*selector"):
+        config_lib.check_resumable(tiny_config(selector="sb", **{field: value}),
+                                   str(tmp_path))
+
+
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
     ckpt = tmp_path / "checkpoints" / "1"
@@ -208,9 +224,10 @@ def test_adapt_sb_logs_priorities_and_resumes_exactly(tmp_path):
     train.train_and_evaluate(held_out_config("adapt_sb", 3), str(straight))
     records = metrics_io.read_metrics(str(straight))
     assert [r["epoch"] for r in records] == [1, 2, 3]
+    bins = held_out_config("adapt_sb", 3).adapt_num_bins
     for record in records:
         assert 0.0 <= record["selected_mislabeled_fraction"] <= 1.0
-        assert len(record["priorities"]) == 8 and len(record["priority_signal"]) == 8
+        assert len(record["priorities"]) == bins and len(record["priority_signal"]) == bins
     assert records[-1]["priorities"] != records[0]["priorities"]  # Updated after priming.
     assert os.path.exists(straight / "priorities.png")
     resumed = tmp_path / "resumed"
