@@ -117,6 +117,15 @@ class StepFns(NamedTuple):
     train_dispatch: Callable
     # (params, batch_stats, images[nb, eb, ...], labels, mask) -> (errors, loss_sum)
     evaluate: Callable
+    # The two pieces a dispatch is made of, alone, for measuring the cost model's unit
+    # costs on the trainer's own code (`costs.measure_trainer_costs`); one device only
+    # (None on a mesh). Neither donates its inputs.
+    # (state, data, ids[C], epoch) -> scoring outputs (losses, logits[, features]): gather,
+    # augment, inference forward of one chunk, as `process_chunk` runs it.
+    score_chunk: Callable | None = None
+    # (state, data, ids[B], epoch) -> (params, batch_stats, opt_state): gather, augment
+    # and one optimizer step on a full batch, as `train_from_queue` runs it.
+    train_batch: Callable | None = None
 
 
 def make_optimizer(
@@ -433,11 +442,25 @@ def make_step_fns(
         )
         return errs, loss
 
+    def score_chunk(state, data, ids, epoch):
+        epochs = jnp.full_like(ids, epoch)
+        x = model_inputs(data.images[ids], ids, epochs)
+        return score_batch(state.params, state.batch_stats, x, data.labels[ids])
+
+    def train_batch(state, data, ids, epoch):
+        ones = jnp.ones(ids.shape, jnp.float32)
+        trained, _ = train_core(state, data.images[ids], data.labels[ids], data.noisy[ids],
+                                ids, ones, jnp.full_like(ids, epoch), ones > 0,
+                                lr_schedule(epoch))
+        return trained.params, trained.batch_stats, trained.opt_state
+
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return StepFns(
             train_dispatch=jax.jit(train_dispatch, donate_argnums=donate_argnums),
             evaluate=jax.jit(evaluate),
+            score_chunk=jax.jit(score_chunk),
+            train_batch=jax.jit(train_batch),
         )
     if state_sharding is None:
         raise ValueError("a mesh needs state_sharding (parallel.state_shardings)")

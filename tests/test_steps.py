@@ -322,3 +322,29 @@ def test_dispatches_that_train_nothing_do_not_repeat_the_heldout_refresh():
         assert bool(done)
     # Every step from 0 to the last is refreshed exactly once (heldout_every=1).
     assert int(state.counters.examples_heldout) == 4 * (int(state.step) + 1)
+
+
+def test_cost_pieces_are_the_dispatch_pieces():
+    """score_chunk gives the dispatch's inference losses; train_batch its optimizer step."""
+    images, labels, noisy = make_data()
+    policy = make_policy("traditional", batch_size=4)
+    fns, state = build(policy, batch_size=4)
+    data = steps.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(noisy))
+    ids = jnp.asarray([3, 1, 4, 0], jnp.int32)
+    losses, logits = fns.score_chunk(state, data, ids, jnp.int32(0))
+    w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+    b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+    x = ((images[np.asarray(ids)].astype(np.float64) / 255.0 - MEAN) / STD).reshape(4, -1)
+    z = x @ w + b
+    np.testing.assert_allclose(logits, z, rtol=1e-5, atol=1e-5)
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    np.testing.assert_allclose(losses, -log_p[np.arange(4), labels[np.asarray(ids)]],
+                               rtol=1e-5, atol=1e-5)
+    params, batch_stats, _ = fns.train_batch(state, data, ids, jnp.int32(0))
+    w1, b1 = numpy_sgd_reference(state.params, images, labels, [np.asarray(ids)],
+                                 0.1, 0.9, 5e-4)
+    np.testing.assert_allclose(params["Dense_0"]["kernel"], w1, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(params["Dense_0"]["bias"], b1, rtol=2e-5, atol=2e-6)
+    # Not donated: the state can be timed again.
+    assert not state.params["Dense_0"]["kernel"].is_deleted()
