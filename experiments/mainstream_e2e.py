@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mainstream_jax.e2e import pipeline
+from mainstream_jax.e2e import pipeline, runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/mainstream_e2e.py", "Config file (ml_collections)."
@@ -25,6 +25,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 
 def main(argv):
     del argv
+    # Before any JAX computation: the dispatch mode is fixed when the backend starts.
+    runtime.set_cpu_inline_dispatch(bool(_CONFIG.value.get("cpu_inline_dispatch", False)))
     try:
         pipeline.validate_config(_CONFIG.value)
     except ValueError as e:

@@ -96,11 +96,20 @@ class PieceCosts:
         piece ``(a, b)`` on ``batches[s]`` frames (as a runtime dispatches it: among
         calls issued back to back), divided by ``batches[s]``; NaN where not measured
         (every entry with ``a >= b``, and pieces left out). A piece is measured at every
-        size or at none.
+        size or at none. With ``first_ms_per_frame``: a *repeated* call (the marginal
+        time of one more call of the piece in a burst of back-to-back calls).
       overhead_ms: the time of a trivial call issued the same way (dispatch), the floor
         of :meth:`call_ms`'s size model.
       sync_ms: the wait for the results, once per runtime call (a trivial call waited
         for alone, less ``overhead_ms``).
+      first_ms_per_frame: optional, same layout and measured entries: the piece's call
+        as the *first* call of its function after other work (called alone, after the
+        other probes, less ``sync_ms``), or None (then every call costs
+        ``ms_per_frame``). Why two figures: on one CPU core a piece's first call in a
+        runtime call cost more than a repeat of it (branch ``[7, 14)`` at 100 frames:
+        1.86 ms alone after other pieces, 1.47 ms per further call), and a runtime
+        call's pieces are each the first call of its function, except the branches of
+        apps with the same k (one function, run once per app).
     """
 
     num_layers: int
@@ -108,6 +117,7 @@ class PieceCosts:
     ms_per_frame: np.ndarray
     overhead_ms: float
     sync_ms: float = 0.0
+    first_ms_per_frame: np.ndarray | None = None
 
     def has(self, start: int, end: int) -> bool:
         return (0 <= start < end <= self.num_layers
@@ -119,8 +129,10 @@ class PieceCosts:
         a, b = np.nonzero(np.isfinite(self.ms_per_frame[0]))
         return sorted(zip(a.tolist(), b.tolist(), strict=True))
 
-    def call_ms(self, start: int, end: int, frames: float) -> float:
-        """Predicted time of one call of piece ``(start, end)`` on ``frames`` frames.
+    def call_ms(self, start: int, end: int, frames: float, *, first: bool = False) -> float:
+        """Predicted time of one call of piece ``(start, end)`` on ``frames`` frames: the
+        first call of its function in a runtime call (``first``; from
+        ``first_ms_per_frame`` when the table has it) or a repeated one.
 
         At a measured size: the measurement. Between two measured sizes: linear in the
         frames between them. Below the smallest size (and above the largest when only
@@ -133,7 +145,9 @@ class PieceCosts:
         if frames <= 0:
             raise ValueError(f"frames must be > 0, got {frames}")
         b = self.batches.astype(np.float64)
-        t = self.ms_per_frame[:, start, end] * b
+        table = (self.first_ms_per_frame if first and self.first_ms_per_frame is not None
+                 else self.ms_per_frame)
+        t = table[:, start, end] * b
         if frames <= b[0] or b.size == 1:
             return float(self.overhead_ms + (t[0] - self.overhead_ms) * frames / b[0])
         j = min(int(np.searchsorted(b, frames)), b.size - 1)
@@ -281,6 +295,7 @@ def _check_budget(budget: Any) -> float:
 
 def make_piece_costs(num_layers: int, batches: Any, ms_per_frame: Any,
                      overhead_ms: float, sync_ms: float = 0.0, *,
+                     first_ms_per_frame: Any = None,
                      what: str = "piece_costs") -> PieceCosts:
     """Validates and builds :class:`PieceCosts` (see there for the layout)."""
     num_layers = int(num_layers)
@@ -319,7 +334,26 @@ def make_piece_costs(num_layers: int, batches: Any, ms_per_frame: Any,
                     f"non-positive cost {ms[s, a, e]}")
     over = _check_scalar(overhead_ms, f"{what}: overhead_ms", 0.0, math.inf)
     sync = _check_scalar(sync_ms, f"{what}: sync_ms", 0.0, math.inf)
-    return PieceCosts(num_layers, b.astype(np.int64), ms, over, sync)
+    first = None
+    if first_ms_per_frame is not None:
+        try:
+            first = np.array(first_ms_per_frame, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise _fail(f"{what}: first_ms_per_frame", "expected an array of numbers") from e
+        if first.shape != ms.shape:
+            raise _fail(f"{what}: first_ms_per_frame", f"has shape {first.shape}, expected "
+                        f"{ms.shape} (as ms_per_frame)")
+        if np.any(np.isinf(first)):
+            raise _fail(f"{what}: first_ms_per_frame", "has an infinite entry")
+        if np.any(np.isfinite(first) != measured):
+            s, a, e = np.argwhere(np.isfinite(first) != measured)[0]
+            raise _fail(f"{what}: first_ms_per_frame", f"piece ({a}, {e}) at batch "
+                        f"{int(b[s])} is measured in one table but not in the other")
+        if np.any(first[measured] <= 0):
+            s, a, e = np.argwhere(measured & (np.nan_to_num(first, nan=1.0) <= 0))[0]
+            raise _fail(f"{what}: first_ms_per_frame", f"piece ({a}, {e}) at batch "
+                        f"{int(b[s])} has non-positive cost {first[s, a, e]}")
+    return PieceCosts(num_layers, b.astype(np.int64), ms, over, sync, first)
 
 
 def make_network(
@@ -582,6 +616,8 @@ def _column(rows: list[dict[str, str]], key: str, path: str) -> list[str]:
 
 
 PIECE_COLUMNS = ("start", "end", "batch", "ms_per_frame")
+# Optional column: the piece's first call in a runtime call (PieceCosts.first_ms_per_frame).
+PIECE_FIRST_COLUMN = "first_ms_per_frame"
 
 
 def _load_piece_costs(directory: str, spec: Any, num_layers: int, meta_path: str
@@ -599,6 +635,8 @@ def _load_piece_costs(directory: str, spec: Any, num_layers: int, meta_path: str
         start, end, batch = (np.array([float(x) for x in cols[c]])
                              for c in ("start", "end", "batch"))
         cost = np.array([float(x) for x in cols["ms_per_frame"]])
+        first_cost = (np.array([float(x) for x in _column(rows, PIECE_FIRST_COLUMN, path)])
+                      if PIECE_FIRST_COLUMN in rows[0] else None)
     except ValueError as e:
         raise _fail(path, f"every entry must be a number ({e})") from e
     for name, col in (("start", start), ("end", end), ("batch", batch)):
@@ -612,14 +650,17 @@ def _load_piece_costs(directory: str, spec: Any, num_layers: int, meta_path: str
                     "the output)")
     batches = np.unique(batch)
     ms = np.full((batches.size, num_layers + 1, num_layers + 1), np.nan)
+    first = None if first_cost is None else ms.copy()
     for i, (a, e, n, c) in enumerate(zip(start, end, batch, cost, strict=True)):
         s = int(np.searchsorted(batches, n))
         if np.isfinite(ms[s, int(a), int(e)]):
             raise _fail(path, f"row {i + 2}: piece ({int(a)}, {int(e)}) at batch {int(n)} "
                         "is listed twice")
         ms[s, int(a), int(e)] = c
+        if first is not None:
+            first[s, int(a), int(e)] = first_cost[i]
     return make_piece_costs(num_layers, batches, ms, spec["overhead_ms"], spec["sync_ms"],
-                            what=path)
+                            first_ms_per_frame=first, what=path)
 
 
 def load_profile_dir(directory: str, *, clean: bool = True) -> ProfileLibrary:

@@ -239,7 +239,7 @@ def test_every_piece_is_timed_itself(tiny, monkeypatch):
     monkeypatch.setattr(profiling, "time_call", lambda fn, *args: 3e-5)
     t = profiling.measure_piece_costs(model, base, SHAPE, batches=[4], mean=0.3, std=0.3,
                                       pieces=pieces, repeats=2, warmup=0)
-    assert t.pieces == sorted(pieces)
+    assert t.pieces == sorted(pieces) and t.first_ms_per_frame is None  # the default
     np.testing.assert_allclose([t.ms_per_frame[0, 0, 5] * 4, t.ms_per_frame[0, 0, 2] * 4,
                                 t.ms_per_frame[0, 2, 5] * 4, t.ms_per_frame[0, 5, 8] * 4],
                                [7.0, 1.0, 2.0, 0.5])
@@ -256,3 +256,130 @@ def test_measured_piece_costs_are_positive(tiny):
     vals = t.ms_per_frame[np.isfinite(t.ms_per_frame)]
     assert vals.size == 8 and np.all(vals > 0)
     assert t.overhead_ms > 0 and t.sync_ms >= 0
+
+
+def _two_tables(o=0.05, s=0.02):
+    """A table whose first calls cost 2 ms more than repeated ones (10 frames)."""
+    t = _table(pieces=[(0, 5), (5, 8), (0, 8)], overhead=o, sync=s)
+    first = t.ms_per_frame + 0.2
+    return profiles.make_piece_costs(8, [10], t.ms_per_frame, o, s,
+                                     first_ms_per_frame=first)
+
+
+def test_first_call_table_validation_and_size_model():
+    t = _two_tables()
+    rep, first = t.call_ms(0, 5, 10), t.call_ms(0, 5, 10, first=True)
+    assert first == pytest.approx(rep + 2.0)
+    # The size model applies to each table: below the batch, overhead + work.
+    assert t.call_ms(0, 5, 5, first=True) == pytest.approx(0.05 + (first - 0.05) / 2)
+    plain = _table()
+    assert plain.first_ms_per_frame is None
+    assert plain.call_ms(0, 2, 10, first=True) == plain.call_ms(0, 2, 10)
+    good = t.ms_per_frame
+    with pytest.raises(ValueError, match="first_ms_per_frame.*shape"):
+        profiles.make_piece_costs(8, [10], good, 0.1, first_ms_per_frame=good[:, :8, :8])
+    other = good.copy()
+    other[0, 0, 5] = np.nan
+    with pytest.raises(ValueError, match=r"piece \(0, 5\).*one table but not in the other"):
+        profiles.make_piece_costs(8, [10], good, 0.1, first_ms_per_frame=other)
+    other = good.copy()
+    other[0, 1, 3] = 0.1
+    with pytest.raises(ValueError, match=r"piece \(1, 3\).*one table but not in the other"):
+        profiles.make_piece_costs(8, [10], good, 0.1, first_ms_per_frame=other)
+    other = good.copy()
+    other[0, 5, 8] = 0.0
+    with pytest.raises(ValueError, match=r"first_ms_per_frame.*\(5, 8\).*non-positive"):
+        profiles.make_piece_costs(8, [10], good, 0.1, first_ms_per_frame=other)
+    other[0, 5, 8] = np.inf
+    with pytest.raises(ValueError, match="first_ms_per_frame.*infinite"):
+        profiles.make_piece_costs(8, [10], good, 0.1, first_ms_per_frame=other)
+
+
+def test_first_call_table_round_trips_and_bad_column_fails(tmp_path):
+    pieces = _table(batches=(10, 60), pieces=profiling.all_pieces(8), seed=5)
+    pieces = profiles.make_piece_costs(8, [10, 60], pieces.ms_per_frame, 0.05, 0.02,
+                                       first_ms_per_frame=pieces.ms_per_frame * 1.5)
+    net, apps = _network_and_apps(pieces)
+    profiling.write_profile_dir(str(tmp_path), net, apps)
+    assert (tmp_path / "piece_costs.csv").read_text().splitlines()[0].endswith(
+        ",first_ms_per_frame")
+    got = profiles.load_profile_dir(str(tmp_path), clean=False).network.piece_costs
+    np.testing.assert_array_equal(got.ms_per_frame, pieces.ms_per_frame)
+    np.testing.assert_array_equal(got.first_ms_per_frame, pieces.first_ms_per_frame)
+    lines = (tmp_path / "piece_costs.csv").read_text().splitlines()
+    lines[1] = ",".join(lines[1].split(",")[:4] + ["nan"])
+    (tmp_path / "piece_costs.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="one table but not in the other"):
+        profiles.load_profile_dir(str(tmp_path))
+
+
+def test_repeated_calls_of_one_program_are_priced_as_repeats(tiny):
+    o, s = 0.05, 0.02
+    t = _two_tables(o, s)
+    # Three apps at k = 5, same rate, not vmapped: one stem call, then the same branch
+    # program three times: the first at its first-call cost, the others repeated.
+    rt = _runtime(tiny, (5, 5, 5), (5, 5, 5))
+    assert rt.pieces == [(0, 5, 10, 1)] + [(5, 8, 10, 1)] * 3
+    want = (s + t.call_ms(0, 5, 10, first=True) + t.call_ms(5, 8, 10, first=True)
+            + 2 * t.call_ms(5, 8, 10))
+    assert rt.predicted_call_ms(np.ones(8), 0.0, t) == pytest.approx(want, rel=1e-12)
+    # The same branch on another frame count is another program: a first call too.
+    rt = _runtime(tiny, (5, 5), (5, 4))
+    assert rt.pieces == [(0, 5, 10, 1), (5, 8, 10, 1), (5, 8, 8, 1)]
+    want = (s + t.call_ms(0, 5, 10, first=True) + t.call_ms(5, 8, 10, first=True)
+            + t.call_ms(5, 8, 8, first=True))
+    assert rt.predicted_call_ms(np.ones(8), 0.0, t) == pytest.approx(want, rel=1e-12)
+    # vmapped: one call, first-call cost plus the two further apps' repeated work.
+    rt = _runtime(tiny, (5, 5, 5), (5, 5, 5), batch_apps=True)
+    want = (s + t.call_ms(0, 5, 10, first=True) + t.call_ms(5, 8, 10, first=True)
+            + 2 * (t.call_ms(5, 8, 10) - o))
+    assert rt.predicted_call_ms(np.ones(8), 0.0, t) == pytest.approx(want, rel=1e-12)
+
+
+def test_first_and_repeated_calls_from_bursts_and_single_calls(tiny, monkeypatch):
+    # A fake clock: each piece has a cold first call (A) and warm repeats (R); a burst of
+    # m calls takes (A + (m - 1) R) / m per call. The profiler must recover R and A - sync.
+    _, model, base = tiny
+    pieces = [(0, 2), (2, 5), (5, 8)]
+    m = 4
+    cold = {runtime._segment_fn(model, 0, 2, 0.3, 0.3, True, True): (3e-3, 1e-3),
+            runtime._segment_fn(model, 2, 5, 0.3, 0.3, False, True): (2.5e-3, 2e-3),
+            runtime._group_fn(model, 5, 0.3, 0.3, False, True): (0.2e-3, 0.001e-3)}
+    trivial = (0.04e-3, 0.01e-3)  # the trivial op alone / in a burst
+    calls = []
+
+    def fake_burst(fn, args, n):
+        calls.append(("burst", fn))
+        if fn not in cold:
+            return trivial[1]
+        a, r = cold[fn]
+        return (a + (n - 1) * r) / n
+
+    def fake_call(fn, *args):
+        calls.append(("alone", fn))
+        return cold.get(fn, trivial)[0]
+
+    monkeypatch.setattr(profiling, "time_burst", fake_burst)
+    monkeypatch.setattr(profiling, "time_call", fake_call)
+    t = profiling.measure_piece_costs(model, base, SHAPE, batches=[4], mean=0.3, std=0.3,
+                                      pieces=pieces, burst=m, repeats=3, warmup=0,
+                                      first_calls=True)
+    assert (t.overhead_ms, t.sync_ms) == pytest.approx((0.01, 0.03))
+    per_call = lambda tab, a, b: tab[0, a, b] * 4  # noqa: E731
+    # Repeated calls: R (the branch's 0.001 ms is below the trivial op: floored at it).
+    assert [per_call(t.ms_per_frame, *p) for p in pieces] == pytest.approx([1.0, 2.0, 0.01])
+    # First calls: A less the one wait per runtime call.
+    assert [per_call(t.first_ms_per_frame, *p) for p in pieces] == pytest.approx(
+        [3.0 - 0.03, 2.5 - 0.03, 0.2 - 0.03])
+    # No piece's single call directly follows a burst of the same piece.
+    assert not any(x == ("burst", fn) and y == ("alone", fn)
+                   for x, y in zip(calls[:-1], calls[1:], strict=True) for fn in cold)
+    with pytest.raises(ValueError, match="burst >= 2"):
+        profiling.measure_piece_costs(model, base, SHAPE, batches=[4], mean=0.3, std=0.3,
+                                      pieces=pieces, burst=1, first_calls=True)
+    with pytest.raises(ValueError, match="burst length"):
+        profiling.piece_costs_from_times(np.ones((2, 5)), pieces, [4], 8,
+                                         alone_times=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="alone_times"):
+        profiling.piece_costs_from_times(np.ones((2, 5)), pieces, [4], 8,
+                                         alone_times=np.ones((2, 2)), burst=4)

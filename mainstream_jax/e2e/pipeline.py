@@ -196,7 +196,8 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
         "base_classes": list(map(int, base_cls)), "app_targets": list(map(int, targets)),
         "cost_batch": batch, "cost_overhead_ms": costs.overhead_ms,
         "network_fused_ms": costs.full_ms,
-        "device": str(jax.devices()[0])})
+        "device": str(jax.devices()[0]),
+        "cpu_inline_dispatch": runtime.cpu_inline_dispatch()})
     # The planner reads what was written, as measured: the original's monotone clean-up
     # (a larger k's accuracy *and* false-positive rate replace a lower accuracy) made
     # the model describe other detectors than those run; e.g. every k of an app whose

@@ -25,7 +25,8 @@ a call is then linear in the work plus a fixed dispatch cost per piece:
 :meth:`StemRuntime.predicted_call_ms` = the cost model's frames x layer costs + pieces x
 the per-call overhead the profiler measures. ``fused=True`` jits the whole call as one
 program; on the CPU that was not linear in the work (8 unshared apps in one XLA program
-ran 44 % slower than the cost model's 8 x one app, see the benchmark's README).
+ran 44 % slower than the cost model's 8 x one app, see the benchmark's README). On a
+CPU the throughput benchmark runs jitted calls inline (:func:`set_cpu_inline_dispatch`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,43 @@ import numpy as np
 
 from mainstream_jax import profiles
 from mainstream_jax.e2e import basenet
+
+
+def set_cpu_inline_dispatch(inline: bool = True) -> None:
+    """Makes the CPU backend run each jitted call inline, on the calling thread
+    (``inline=True``), or hand it to XLA's worker thread and return at once (JAX's
+    default, asynchronous dispatch). Process-wide, and only effective before the CPU
+    backend starts (the first JAX computation or device query): afterwards a request
+    for the other mode raises ``RuntimeError``; one for the mode in use is a no-op.
+
+    Why inline on a CPU pinned to one core: with asynchronous dispatch a runtime call
+    hands every piece to XLA's worker thread and then waits for it, and on one core the
+    hand-off is paid in time, by an amount that depends on what runs around it. In the
+    throughput benchmark (``benchmarks/results/README.md``) a branch ``[7, 14)`` timed
+    in bursts of back-to-back calls cost 1.74 and 2.01 ms per 100 frames in two runs with
+    asynchronous dispatch, while each added app's branch cost the runtime 1.39 and 1.53
+    ms; inline, 1.42-1.76 ms in bursts against 1.34-1.60 ms per added branch (ten
+    runs). What remains of a one-app call's surplus over its pieces' burst times is the
+    first call of each program in a runtime call (``profiles.PieceCosts``'s
+    ``first_ms_per_frame``). The e2e pipeline keeps asynchronous dispatch by default
+    (``experiments/configs/mainstream_e2e.py`` says why).
+    """
+    from jax._src import xla_bridge  # noqa: PLC0415 (private, but the only way to ask)
+
+    want_async = not inline
+    if xla_bridge.backends_are_initialized():
+        if bool(jax.config.read("jax_cpu_enable_async_dispatch")) != want_async:
+            raise RuntimeError(
+                "set_cpu_inline_dispatch must be called before the first JAX computation "
+                "(the CPU backend has started with the other dispatch mode)")
+        return
+    jax.config.update("jax_cpu_enable_async_dispatch", want_async)
+
+
+def cpu_inline_dispatch() -> bool:
+    """Whether jitted calls on the CPU run inline (see :func:`set_cpu_inline_dispatch`;
+    the mode the backend was started with, when set through it)."""
+    return not bool(jax.config.read("jax_cpu_enable_async_dispatch"))
 
 
 def even_subset(positions: np.ndarray, count: int) -> np.ndarray:
@@ -269,9 +307,14 @@ class StemRuntime:
         overhead. With ``piece_costs`` (unfused): the sum over the jitted calls of each
         piece's measured call time at its number of frames
         (:meth:`profiles.PieceCosts.call_ms`), plus the table's ``sync_ms`` once (the
-        wait for the results); a branch group of G ``vmap``-ed apps is one call with G
-        times the piece's work (its time less the table's overhead). A piece the table
-        lacks falls back to its per-layer sum plus ``call_overhead_ms``.
+        wait for the results). A call is priced as its function's first call in the
+        runtime call when no earlier call of this runtime call ran the same piece on the
+        same frame count (the same compiled program), else as a repeated call; the
+        table's ``first_ms_per_frame`` makes the two differ (without it both are
+        ``ms_per_frame``). A branch group of G ``vmap``-ed apps is one call with G times
+        the piece's work (its time less the table's overhead; the G - 1 further apps at
+        the repeated call's work). A piece the table lacks falls back to its per-layer
+        sum plus ``call_overhead_ms``.
         """
         lam = np.asarray(layer_ms_per_frame, np.float64)
         num_layers = self.model.spec.num_layers
@@ -283,10 +326,14 @@ class StemRuntime:
             raise ValueError(f"piece costs for {piece_costs.num_layers} layers, the model "
                              f"has {num_layers}")
         total = piece_costs.sync_ms
+        seen: set[tuple[int, int, int]] = set()
         for a, b, n, g in self.pieces:
             if piece_costs.has(a, b):
                 o = piece_costs.overhead_ms
-                total += o + g * (piece_costs.call_ms(a, b, n) - o)
+                first = (a, b, n) not in seen
+                seen.add((a, b, n))
+                total += (piece_costs.call_ms(a, b, n, first=first)
+                          + (g - 1) * (piece_costs.call_ms(a, b, n) - o))
             else:
                 total += call_overhead_ms + n * g * lam[a:b].sum()
         return float(total)
