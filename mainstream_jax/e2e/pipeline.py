@@ -79,6 +79,45 @@ def _runtime_pieces(spec: basenet.NetSpec) -> list[tuple[int, int]]:
                   + [(k, L) for k in spec.chokepoints])
 
 
+def _time_schedule(rt: runtime.StemRuntime, frames: np.ndarray,
+                   probe_table: dict[int, dict[tuple[int, int], tuple]], num_layers: int,
+                   config: ml_collections.ConfigDict, rounds: int) -> dict[str, Any] | None:
+    """Times the schedule's stream passes and the pieces its calls run in the same rounds
+    (:func:`profiling.measure_pieces_interleaved`: in each round, in a random order, one
+    pass over the stream and every piece in a burst at every profiled frame count).
+    Returns {"pieces": the pieces' table from those rounds (only the pieces) in bursts of
+    the pass's number of runtime calls, "pieces_profile_burst": the same in bursts of
+    the profile's length (``piece_burst``), "pass_s": seconds per pass, per round}, or
+    None without probes, rounds or when fused (one
+    jitted call: no pieces)."""
+    if not probe_table or rounds < 1 or rt.fused:
+        return None
+    batches = sorted(probe_table)
+    used = sorted({(a, b) for a, b, _, _ in rt.pieces} & set(probe_table[batches[0]]))
+    if not used:
+        return None
+    probes = [(p, *probe_table[b][p]) for b in batches for p in used]
+    chunks = rt.stream_chunks(frames)
+    # Bursts of the profile's length, and of the pass's: a pass issues each piece once
+    # per runtime call, all calls back to back with one wait at the end.
+    bursts = sorted({int(config.piece_burst), len(chunks)})
+    tables, pass_s = profiling.measure_pieces_interleaved(
+        probes, batches, num_layers, [lambda: rt.time_pass(chunks)], bursts=bursts,
+        repeats=rounds, seed=config.seed)
+    by_burst = dict(zip(bursts, tables, strict=True))
+    return {"pieces": by_burst[len(chunks)], "pass_burst": len(chunks),
+            "pieces_profile_burst": by_burst[int(config.piece_burst)],
+            "profile_burst": int(config.piece_burst), "pass_s": pass_s[:, 0].tolist()}
+
+
+def _table_summary(t: profiles.PieceCosts) -> dict[str, Any]:
+    """A piece table as ms per call: {"batch": {"a-b": ms}}, the overhead and the wait."""
+    return {"ms_per_call": {str(int(b)): {f"{a}-{e}": float(t.ms_per_frame[s, a, e] * b)
+                                          for a, e in t.pieces}
+                            for s, b in enumerate(t.batches)},
+            "overhead_ms": float(t.overhead_ms), "sync_ms": float(t.sync_ms)}
+
+
 def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[str, Any]:
     """Runs the whole loop and writes ``report.json``, ``report.md`` and the profile
     directory (``profile/``) under ``out_dir``; returns the report."""
@@ -231,6 +270,17 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
         false_positive_rate=fpr_all[i], event_length_ms=a.event_length_ms,
         event_frequency=a.event_frequency, correlation=a.correlation, clean=False)
         for i, a in enumerate(loaded_apps)]
+    # The pieces' probes (the profile's functions and inputs, already compiled by the
+    # piece profile), re-timed per schedule in rounds that alternate with its stream
+    # passes (schedule_timing_rounds > 0).
+    rounds = int(config.get("schedule_timing_rounds", 0))
+    probe_table: dict[int, dict[tuple[int, int], tuple]] = {}
+    if rounds and config.piece_batches:
+        probe_vars = basenet.init_variables(app_model, image_shape, 0)
+        for b in sorted(config.piece_batches):
+            probe_table[int(b)] = {p: (fn, args) for p, fn, args in profiling.piece_probes(
+                app_model, probe_vars, image_shape, batch=int(b), mean=mean, std=std,
+                pieces=_runtime_pieces(spec))}
     runs = []
     for frac in config.budget_fractions:
         problem = profiles.make_problem(loaded_apps, library.network, frac * full_cost,
@@ -250,6 +300,9 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
                                      window_s=config.window_s, mean=mean, std=std,
                                      batch_apps=config.batch_apps, fused=config.fused)
             res = rt.run(stream.frames)
+            measured_cost = res.wall_s * 1e3 / (stream.frames.shape[0] / F)
+            timing = _time_schedule(rt, stream.frames, probe_table, spec.num_layers,
+                                    config, rounds)
             old = schedule.build_schedule(
                 profiles.make_problem(old_apps, library.network, problem.budget,
                                       stream_fps=F, event_model="corrected"),
@@ -260,9 +313,18 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
             predicted_call = rt.predicted_call_ms(library.network.layer_costs,
                                                   costs.overhead_ms)
             # The measured piece costs (the profile's table) summed over the calls.
+            profile_piece_call = (
+                rt.predicted_call_ms(library.network.layer_costs, costs.overhead_ms,
+                                     library.network.piece_costs)
+                if library.network.piece_costs is not None else float("nan"))
+            # The same sum over the pieces re-timed in the schedule's own rounds.
             piece_call = (rt.predicted_call_ms(library.network.layer_costs,
-                                               costs.overhead_ms, library.network.piece_costs)
-                          if library.network.piece_costs is not None else float("nan"))
+                                               costs.overhead_ms, timing["pieces"])
+                          if timing else profile_piece_call)
+            burst_call = (rt.predicted_call_ms(library.network.layer_costs,
+                                               costs.overhead_ms,
+                                               timing["pieces_profile_burst"])
+                          if timing else float("nan"))
             per_app = []
             for a, asg in enumerate(sched.apps):
                 obs = streams.score_app(stream, a, res.frames[a], res.logits[a] > 0)
@@ -274,7 +336,12 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
                                  "f1": obs.f1},
                     "events": obs.num_events, "detected": obs.detected,
                     "false_alarms": obs.false_alarms, "windows": obs.num_windows})
-            measured_cost = res.wall_s * 1e3 / (stream.frames.shape[0] / F)
+            first_pass_cost = measured_cost
+            frames_per_s = res.frames_per_s
+            if timing:
+                pass_s = float(np.median(timing["pass_s"]))
+                measured_cost = pass_s * 1e3 / (stream.frames.shape[0] / F)
+                frames_per_s = stream.frames.shape[0] / pass_s
             runs.append({
                 "budget_fraction": frac, "budget": problem.budget, "planner": pname,
                 "predicted_mean_f1": sched.mean_f1,
@@ -283,14 +350,33 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
                 "predicted_cost_ms_per_s": sched.total_cost,
                 "call_overhead_ms_per_s": predicted_call / call_s - sched.total_cost,
                 "piece_predicted_cost_ms_per_s": piece_call / call_s,
+                "profile_piece_predicted_cost_ms_per_s": profile_piece_call / call_s,
+                "rounds_profile_burst_piece_predicted_cost_ms_per_s": burst_call / call_s,
+                "piece_timing": ("interleaved" if timing else "profile"),
+                "timing_rounds": rounds if timing else 0,
+                "piece_burst_rounds": timing["pass_burst"] if timing else None,
+                "timed_piece_tables": ({
+                    f"burst_{timing['pass_burst']}": _table_summary(timing["pieces"]),
+                    f"burst_{timing['profile_burst']}": _table_summary(
+                        timing["pieces_profile_burst"])} if timing else None),
                 "jitted_calls_per_call": rt.num_calls,
                 "measured_cost_ms_per_s": measured_cost,
-                "frames_per_s": res.frames_per_s, "apps": per_app})
+                "measured_cost_rounds_ms_per_s": (
+                    (np.asarray(timing["pass_s"]) * 1e3 / (stream.frames.shape[0] / F)
+                     ).tolist() if timing else [measured_cost]),
+                "first_pass_cost_ms_per_s": first_pass_cost,
+                "timed_pieces": (timing["pieces"].pieces if timing else None),
+                "frames_per_s": frames_per_s, "apps": per_app})
             log(f"budget {frac:g} {pname:>12}: F1 predicted {sched.mean_f1:.3f} observed "
                 f"{runs[-1]['observed_mean_f1']:.3f}; cost predicted {sched.total_cost:.3f} "
-                f"measured {measured_cost:.3f} ms per stream-second")
+                f"pieces {piece_call / call_s:.3f} (profile {profile_piece_call / call_s:.3f})"
+                f" measured {measured_cost:.3f} ms per stream-second")
     phase("plan_and_run", t0)
     beats = {}
+    summary = {key: prediction_summary(runs, key) for key in
+               ("piece_predicted_cost_ms_per_s",
+                "rounds_profile_burst_piece_predicted_cost_ms_per_s",
+                "profile_piece_predicted_cost_ms_per_s")}
     for frac in config.budget_fractions:
         obs = {r["planner"]: r.get("observed_mean_f1", 0.0) for r in runs
                if r["budget_fraction"] == frac}
@@ -314,6 +400,7 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
                    "num_events": sstats.num_events.tolist(),
                    "repeat_fraction": sstats.repeat_fraction},
         "runs": runs,
+        "measured_vs_pieces": summary,
         "mainstream_observed_beats_every_baseline": beats,
         "phases_s": phases,
         "wall_s": time.perf_counter() - t_start,
@@ -325,6 +412,26 @@ def run_e2e(config: ml_collections.ConfigDict, out_dir: str, log=print) -> dict[
     return report
 
 
+def prediction_summary(runs: list[dict[str, Any]], key: str,
+                       tolerance: float = 0.15) -> dict[str, Any]:
+    """Over the runs (schedules) with a finite prediction ``key``: the range of
+    measured / predicted - 1 and how many are within ``tolerance``."""
+    err = np.array([r["measured_cost_ms_per_s"] / r[key] - 1 for r in runs
+                    if key in r and np.isfinite(r[key]) and r[key] > 0])
+    if err.size == 0:
+        return {"schedules": 0}
+    return {"schedules": int(err.size), "min_error": float(err.min()),
+            "max_error": float(err.max()),
+            "within": int(np.sum(np.abs(err) <= tolerance)), "tolerance": tolerance}
+
+
+def _summary_line(name: str, s: dict[str, Any]) -> str:
+    if not s.get("schedules"):
+        return f"measured / {name}: no schedules"
+    return (f"measured / {name}: {s['min_error']:+.1%} to {s['max_error']:+.1%}; "
+            f"{s['within']} of {s['schedules']} schedules within {s['tolerance']:.0%}")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables: per planner and budget, predicted vs observed F1 and cost; per app
     predicted vs observed recall / precision / F1."""
@@ -333,31 +440,56 @@ def format_report(report: dict[str, Any]) -> str:
              f"{report['wall_s']:.0f} s", "",
              "Costs are ms of compute per second of stream; 'cost predicted' is the cost model "
              "on the profiled layer costs, '+ overhead' adds the measured dispatch cost of the "
-             "runtime's calls; 'pieces' is the sum of the profiled piece costs over the "
-             "runtime's calls.", "",
+             "runtime's calls. 'pieces (profile)' sums the piece costs of the profile's table "
+             "(timed once, bursts of 4 back-to-back calls, before the schedules ran) over "
+             "the runtime's calls; 'pieces (rounds)' is the same sum over the schedule's "
+             "pieces re-timed (the same probes and frame counts, medians) in rounds that "
+             "alternate with its stream passes, each piece in a burst of as many calls as a "
+             "pass makes of it (one per runtime call, all back to back, one wait), and "
+             "'cost measured' is the median pass of those rounds. The same rounds also "
+             "time each piece in the profile's bursts (report.json: "
+             "'rounds_profile_burst_piece_predicted_cost_ms_per_s'; every run's piece "
+             "tables: 'timed_piece_tables'; the first pass, which scored the stream: "
+             "'first_pass_cost_ms_per_s').", "",
              "'F1 predicted' is the planner's event model; 'earlier model' evaluates the same "
              "schedule with c between samples and the false-positive rate over all held-out "
              "negatives.", "",
              "| budget (x no-sharing full) | planner | F1 predicted | F1 observed | gap | "
-             "F1 earlier model | cost predicted | + overhead | pieces | cost measured | "
-             "measured / (+ overhead) | measured / pieces | frames/s |", "|" + "---|" * 13]
+             "F1 earlier model | cost predicted | + overhead | pieces (profile) | "
+             "pieces (rounds) | cost measured | measured / (+ overhead) | "
+             "measured / pieces (profile) | measured / pieces (rounds) | frames/s |",
+             "|" + "---|" * 15]
     for r in report["runs"]:
         if "infeasible" in r:
             lines.append(f"| {r['budget_fraction']:g} | {r['planner']} | infeasible "
-                         "(F1 0) |||||||||")
+                         "(F1 0) |||||||||||")
             continue
         with_overhead = r["predicted_cost_ms_per_s"] + r["call_overhead_ms_per_s"]
         pieces = r.get("piece_predicted_cost_ms_per_s", float("nan"))
+        profile_pieces = r.get("profile_piece_predicted_cost_ms_per_s", pieces)
+        if r.get("piece_timing", "profile") == "profile":
+            pieces = float("nan")  # no re-timed pieces: the profile's column only
         lines.append(
             f"| {r['budget_fraction']:g} | {r['planner']} | {r['predicted_mean_f1']:.3f} | "
             f"{r['observed_mean_f1']:.3f} | "
             f"{r['observed_mean_f1'] - r['predicted_mean_f1']:+.3f} | "
             f"{r.get('predicted_mean_f1_corrected_model', float('nan')):.3f} | "
             f"{r['predicted_cost_ms_per_s']:.3f} | "
-            f"{with_overhead:.3f} | {pieces:.3f} | {r['measured_cost_ms_per_s']:.3f} | "
+            f"{with_overhead:.3f} | {profile_pieces:.3f} | {pieces:.3f} | "
+            f"{r['measured_cost_ms_per_s']:.3f} | "
             f"{r['measured_cost_ms_per_s'] / with_overhead - 1:+.1%} | "
+            f"{r['measured_cost_ms_per_s'] / profile_pieces - 1:+.1%} | "
             f"{r['measured_cost_ms_per_s'] / pieces - 1:+.1%} | "
             f"{r['frames_per_s']:.0f} |")
+    summary = report.get("measured_vs_pieces", {})
+    if summary:
+        lines += [""] + [
+            "- " + _summary_line(name, summary[key]) for name, key in
+            [("pieces (rounds)", "piece_predicted_cost_ms_per_s"),
+             ("pieces (rounds, the profile's bursts)",
+              "rounds_profile_burst_piece_predicted_cost_ms_per_s"),
+             ("pieces (profile)", "profile_piece_predicted_cost_ms_per_s")]
+            if key in summary]
     beats = report.get("mainstream_observed_beats_every_baseline", {})
     if beats:
         lines += ["", "Mainstream's observed F1 above every baseline's: " + ", ".join(

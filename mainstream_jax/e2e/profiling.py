@@ -9,7 +9,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -286,6 +286,77 @@ def measure_piece_costs(
     n = len(probes) // len(batches)
     return piece_costs_from_times(times, [p[0] for p in probes[:n]], batches,
                                   model.spec.num_layers, alone_times=alone, burst=burst)
+
+
+def measure_pieces_interleaved(
+    probes: Sequence[tuple[tuple[int, int], Any, tuple]],
+    batches: Sequence[int],
+    num_layers: int,
+    targets: Sequence[Callable[[], float]],
+    *,
+    bursts: Sequence[int] = (4,),
+    repeats: int = 9,
+    warmup: int = 1,
+    seed: int = 0,
+) -> tuple[list[profiles.PieceCosts], np.ndarray]:
+    """Times pieces and other work in the same rounds, so that both see the same load.
+
+    ``probes``: :func:`piece_probes` entries ((start, end), fn, args) for the same
+    pieces at each frame count of ``batches`` (increasing), batch-major (as
+    :func:`measure_piece_costs` orders them). ``targets``: callables that run some work
+    and return its seconds (e.g. one pass of a runtime over a stream,
+    ``StemRuntime.time_pass``). Each round runs every piece in a burst of each length in
+    ``bursts`` (back-to-back calls, one wait: :func:`time_burst`, as
+    :func:`measure_piece_costs` does) and every target once, all in a new random order,
+    then the trivial op in a burst of each length and alone; ``warmup`` rounds first,
+    discarded. Returns one table per burst length, from the medians
+    (:func:`piece_costs_from_times`: nothing in them comes from the targets' times),
+    and the targets' seconds [repeats, len(targets)].
+
+    Why: on this shared machine the speed drifts over minutes, so a piece table timed
+    minutes before a schedule runs can be off against it; rounds that alternate the two
+    give both the same drift, and medians drop single bursts of load.
+    """
+    batches = [int(b) for b in batches]  # increasing (the table's check)
+    bursts = [int(b) for b in bursts]
+    if repeats < 1 or warmup < 0 or not bursts or min(bursts) < 1 or not batches:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, bursts >= 1 and a batch; got "
+                         f"{repeats}, {warmup}, {bursts}, {batches}")
+    if not probes or len(probes) % len(batches):
+        raise ValueError(f"{len(probes)} probes for {len(batches)} batches: give the same "
+                         "pieces at every batch")
+    n = len(probes) // len(batches)
+    pieces = [tuple(p[0]) for p in probes[:n]]
+    for s in range(1, len(batches)):
+        if [tuple(p[0]) for p in probes[s * n:(s + 1) * n]] != pieces:
+            raise ValueError("probes must list the same pieces, in the same order, per batch")
+    over_fn, over_args = overhead_probe()
+    rng = np.random.default_rng(seed)
+    items = [(k, j) for k in range(len(bursts)) for j in range(len(probes))]
+    num = len(items) + len(targets)
+
+    def one_round():
+        t = np.empty((len(bursts), len(probes) + 2))
+        out = np.empty(len(targets))
+        for i in rng.permutation(num):
+            if i < len(items):
+                k, j = items[i]
+                _, fn, args = probes[j]
+                t[k, j] = time_burst(fn, args, bursts[k])
+            else:
+                out[i - len(items)] = targets[i - len(items)]()
+        for k, b in enumerate(bursts):
+            t[k, -2] = time_burst(over_fn, over_args, b)
+        t[:, -1] = time_call(over_fn, *over_args)
+        return t, out
+
+    for _ in range(warmup):
+        one_round()
+    rounds = [one_round() for _ in range(repeats)]
+    times = np.array([r[0] for r in rounds])  # [repeats, bursts, probes + 2]
+    target_times = np.array([r[1] for r in rounds]).reshape(repeats, len(targets))
+    return ([piece_costs_from_times(times[:, k], pieces, batches, num_layers)
+             for k in range(len(bursts))], target_times)
 
 
 def piece_costs_from_times(times: np.ndarray, pieces: Sequence[tuple[int, int]],

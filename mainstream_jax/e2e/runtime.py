@@ -349,17 +349,31 @@ class StemRuntime:
         """One jitted call on ``frames_per_call`` frames; logits per group [G_i, n]."""
         return self._call(self._variables, frames)
 
-    def run(self, frames: np.ndarray, *, warmup: int = 1) -> RunResult:
-        """Runs every app over a stream (whole calls only; a tail shorter than one call is
-        an error) and measures frames/s: the frames are put on the device first, the
-        calls are dispatched back to back and the clock stops at ``block_until_ready``."""
+    def stream_chunks(self, frames: np.ndarray) -> list[jax.Array]:
+        """The stream's calls' inputs, on the device: whole calls only (a tail shorter
+        than one call is an error)."""
         n = frames.shape[0]
         if n == 0 or n % self.frames_per_call:
             raise ValueError(f"the stream has {n} frames; give a positive multiple of "
                              f"{self.frames_per_call} (windows_per_call * window_s * "
                              "stream_fps)")
-        chunks = [jax.device_put(frames[i:i + self.frames_per_call])
-                  for i in range(0, n, self.frames_per_call)]
+        return [jax.device_put(frames[i:i + self.frames_per_call])
+                for i in range(0, n, self.frames_per_call)]
+
+    def time_pass(self, chunks: Sequence[jax.Array]) -> float:
+        """Seconds of one pass over the stream as :meth:`run` times it: the calls on
+        ``chunks`` (:meth:`stream_chunks`) dispatched back to back, one
+        ``block_until_ready``."""
+        start = time.perf_counter()
+        jax.block_until_ready([self.call(c) for c in chunks])
+        return time.perf_counter() - start
+
+    def run(self, frames: np.ndarray, *, warmup: int = 1) -> RunResult:
+        """Runs every app over a stream (whole calls only; a tail shorter than one call is
+        an error) and measures frames/s: the frames are put on the device first, the
+        calls are dispatched back to back and the clock stops at ``block_until_ready``."""
+        n = frames.shape[0]
+        chunks = self.stream_chunks(frames)
         for _ in range(warmup):
             jax.block_until_ready(self.call(chunks[0]))
         start = time.perf_counter()
