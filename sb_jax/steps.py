@@ -230,6 +230,11 @@ def make_step_fns(
     # Per-example inference losses: the vmap of the single-example loss (batched by XLA).
     score_batch = jax.vmap(single_example_loss, in_axes=(None, None, 0, 0))
 
+    def score_examples(params, batch_stats, images_u8, labels, ids, epoch):
+        """The scoring pass of a chunk: its augmented view at ``epoch``, inference mode."""
+        x = model_inputs(images_u8, ids, jnp.full_like(ids, epoch))
+        return score_batch(params, batch_stats, x, labels)
+
     def train_core(state: TrainState, images_u8, labels, noisy, ids, weights, epochs, mask, lr):
         """One optimizer step on the given examples; the policy is not told (see below)."""
         x = model_inputs(images_u8, ids, epochs)
@@ -296,9 +301,8 @@ def make_step_fns(
         need = policy.needs_scoring(policy_state, policy_ids, valid, epoch) & valid
 
         def score(_):
-            epochs = jnp.full_like(ids, epoch)
-            x = model_inputs(images_of(ids), ids, epochs)
-            outputs = replicate(score_batch(params, batch_stats, x, labels[ids]))
+            outputs = replicate(
+                score_examples(params, batch_stats, images_of(ids), labels[ids], ids, epoch))
             # Zero where not requested: (losses, logits[, features]).
             return tuple(o * need.reshape(need.shape + (1,) * (o.ndim - 1)) for o in outputs)
 
@@ -443,9 +447,8 @@ def make_step_fns(
         return errs, loss
 
     def score_chunk(state, data, ids, epoch):
-        epochs = jnp.full_like(ids, epoch)
-        x = model_inputs(data.images[ids], ids, epochs)
-        return score_batch(state.params, state.batch_stats, x, data.labels[ids])
+        return score_examples(state.params, state.batch_stats, data.images[ids],
+                              data.labels[ids], ids, epoch)
 
     def train_batch(state, data, ids, epoch):
         ones = jnp.ones(ids.shape, jnp.float32)
