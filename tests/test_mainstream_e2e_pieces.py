@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 
 from mainstream_jax import profiles
-from mainstream_jax.e2e import basenet, profiling, runtime, training
-
-TINY = dict(widths=(4, 8), strides=(1, 2), stem_width=4, stem_strides=2, hidden=8)
-SHAPE = (8, 8, 1)
-F = 10
+from mainstream_jax.e2e import basenet, profiling, runtime
+from tests.mainstream_tiny import SHAPE, tiny_network
+from tests.mainstream_tiny import tiny_runtime as _runtime
 
 
 def _table(num_layers=8, batches=(10,), pieces=((0, 2), (2, 5), (0, 8), (2, 8), (5, 8)),
@@ -143,20 +141,7 @@ def test_bad_piece_files_fail_clearly(tmp_path, edit_csv, edit_meta, match):
 
 @pytest.fixture(scope="module")
 def tiny():
-    spec = basenet.mobilenet_spec(**TINY)
-    model = basenet.ChokepointNet(spec, 1)
-    base = basenet.init_variables(model, SHAPE, 0)
-    return spec, model, base
-
-
-def _runtime(tiny, ks, fps, batch_apps=False, fused=False, windows=2):
-    spec, model, base = tiny
-    apps = [training.assemble_app(base, basenet.select_layers(
-        basenet.init_variables(model, SHAPE, 10 + a), spec, k, spec.num_layers), spec, k)
-        for a, k in enumerate(ks)]
-    return runtime.StemRuntime(model, base, apps, ks, fps, stream_fps=F,
-                               windows_per_call=windows, mean=0.3, std=0.3,
-                               batch_apps=batch_apps, fused=fused)
+    return tiny_network()
 
 
 def test_predicted_call_ms_sums_the_measured_pieces(tiny):

@@ -6,19 +6,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mainstream_jax.e2e import basenet, pipeline, profiling, runtime, training
-
-TINY = dict(widths=(4, 8), strides=(1, 2), stem_width=4, stem_strides=2, hidden=8)
-SHAPE = (8, 8, 1)
-F = 10
+from mainstream_jax.e2e import pipeline, profiling
+from tests.mainstream_tiny import SHAPE, F, tiny_network
+from tests.mainstream_tiny import tiny_runtime as _runtime
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    spec = basenet.mobilenet_spec(**TINY)
-    model = basenet.ChokepointNet(spec, 1)
-    base = basenet.init_variables(model, SHAPE, 0)
-    return spec, model, base
+    return tiny_network()
 
 
 class DriftingMachine:
@@ -136,16 +131,6 @@ def test_interleaved_timing_validation():
     with pytest.raises(ValueError, match="same pieces"):
         profiling.measure_pieces_interleaved(probes[:2] + probes[:1] + probes[:1],
                                              [10, 40], 8, [])
-
-
-def _runtime(tiny, ks, fps, windows=2):
-    spec, model, base = tiny
-    apps = [training.assemble_app(base, basenet.select_layers(
-        basenet.init_variables(model, SHAPE, 10 + a), spec, k, spec.num_layers), spec, k)
-        for a, k in enumerate(ks)]
-    return runtime.StemRuntime(model, base, apps, ks, fps, stream_fps=F,
-                               windows_per_call=windows, mean=0.3, std=0.3,
-                               batch_apps=False)
 
 
 def test_time_schedule_times_the_schedules_own_pieces_and_passes(tiny):
