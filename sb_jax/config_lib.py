@@ -20,7 +20,7 @@ CONFIG_FILE = "config.json"
 # the saved state means): extending training, evaluating or logging more often.
 RESUMABLE_FIELDS = frozenset(
     {"num_epochs", "eval_every", "log_every_s", "checkpoint_every", "keep_checkpoints",
-     "tensorboard", "steps_per_dispatch", "data_dir",
+     "tensorboard", "steps_per_dispatch", "data_dir", "unit_cost_every",
      # Same function, another program: parameters and checkpoints are identical.
      "model_ops"}
 )
@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.log_every_s = 10.0  # seconds between progress lines
     c.tensorboard = True  # also write TensorBoard event files
+    # >0: every this many dispatches, pause the epoch's clock and time the trainer's
+    # scoring and train-step pieces (costs.TrainerCostSampler) on the run's own state and
+    # data; each record gets their mean per-example seconds (the cost model of
+    # benchmarks/selective_backprop.py). One device only.
+    c.unit_cost_every = 0
     # Data parallelism (sb_jax/parallel.py). 1 = one device, the single-device program;
     # 0 = every device of every process; D > 1 = a mesh over the first D devices. The
     # batch_size (and scoring_batch_size, kath18's pool) must be multiples of D.
@@ -163,9 +168,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     if config.num_devices < 0:
         raise ValueError(f"num_devices must be >= 0 (0 = all devices), got {config.num_devices}")
-    if config.selection_scope not in ("global", "per_shard"):
+    if config.unit_cost_every < 0:
+        raise ValueError(f"unit_cost_every must be >= 0, got {config.unit_cost_every}")
+    if config.unit_cost_every and config.num_devices != 1:
         raise ValueError(
-            f"selection_scope must be 'global' or 'per_shard', got {config.selection_scope!r}"
+            "unit_cost_every > 0 times the one-device pieces of the train step; set "
+            f"num_devices=1 or unit_cost_every=0 (got num_devices={config.num_devices})"
         )
     policy = make_policy_from_config(config)
     _validate_heldout(config, policy)

@@ -9,6 +9,10 @@ model of an epoch is then
 
 which benchmarks compare against the measured epoch time.
 
+``TrainerCostSampler`` times those pieces in between a run's own dispatches
+(``config.unit_cost_every``), so that each epoch is compared with unit costs measured
+under the same machine conditions as the epoch itself.
+
 ``measure_trainer_costs`` times the same two passes as the trainer runs them
 (``StepFns.score_chunk`` and ``StepFns.train_batch``: the gather of the examples' images
 from the device-resident training set and their augmentation included, which a bare
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +116,73 @@ def measure_trainer_costs(
         "train_over_forward": (trn / batch_size) / (fwd / chunk_size),
         "backend": jax.default_backend(),
     }
+
+
+class TrainerCostSampler:
+    """Times the trainer's pieces in between a run's own dispatches.
+
+    On a shared CPU the speed of identical work drifts by 5-20 % between processes and
+    within a minute (benchmarks/results/README.md), so unit costs timed before or after a
+    run, or after an epoch, do not describe the epoch. The trainer calls :meth:`sample`
+    every few dispatches (with the epoch's clock paused); :meth:`take` returns the means
+    since the last call (means, not medians: an epoch's time is a sum, spikes included).
+
+    Each sample runs each piece ``burst + 1`` times back to back on fresh random ids with
+    the current state and keeps the last ``burst`` timings: the first call after another
+    program ran is 10-25 % slower (measured: scoring 5.6-6.5 vs 5.0-5.3 ms, step 19.7-21.3
+    vs 17.4-19.1 ms), while an epoch is a steady stream of the same dispatch. The first
+    sample also compiles the pieces, in its untimed calls.
+    """
+
+    def __init__(self, fns: Any, *, chunk_size: int, batch_size: int, num_train: int,
+                 burst: int = 2, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
+        if fns.score_chunk is None or fns.train_batch is None:
+            raise ValueError("TrainerCostSampler needs the one-device StepFns "
+                             "(score_chunk/train_batch are None on a mesh)")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
+        self._fns = fns
+        self._chunk_size, self._batch_size, self._num_train = chunk_size, batch_size, num_train
+        self._burst = burst
+        self._rng = np.random.default_rng(seed)
+        self._clock = clock
+        self._forward: list[float] = []
+        self._train: list[float] = []
+
+    def _ids(self, size: int) -> jax.Array:
+        ids = jnp.asarray(self._rng.choice(self._num_train, size, replace=False)
+                          .astype(np.int32))
+        return jax.block_until_ready(ids)
+
+    def _burst_of(self, fn, state, data, size, epoch) -> list[float]:
+        timings = []
+        for _ in range(self._burst + 1):
+            ids = self._ids(size)
+            start = self._clock()
+            jax.block_until_ready(fn(state, data, ids, epoch))
+            timings.append(self._clock() - start)
+        return timings[1:]
+
+    def sample(self, state: Any, data: Any, epoch: jax.Array) -> None:
+        """One burst of each piece on the current ``state``."""
+        jax.block_until_ready(state)
+        self._forward += self._burst_of(self._fns.score_chunk, state, data,
+                                        self._chunk_size, epoch)
+        self._train += self._burst_of(self._fns.train_batch, state, data,
+                                      self._batch_size, epoch)
+
+    def take(self) -> dict[str, float] | None:
+        """Mean per-example seconds since the last ``take`` (None if nothing sampled)."""
+        if not self._forward:
+            return None
+        result = {
+            "forward_per_example_s": statistics.mean(self._forward) / self._chunk_size,
+            "train_step_per_example_s": statistics.mean(self._train) / self._batch_size,
+            "samples": len(self._forward) // self._burst,
+        }
+        self._forward, self._train = [], []
+        return result
 
 
 def predicted_epoch_seconds(examples_scored: float, examples_backward: float,

@@ -23,6 +23,7 @@ from absl import logging
 from sb_jax import (
     checkpointing,
     config_lib,
+    costs,
     irreducible_loss,
     metrics_io,
     parallel,
@@ -383,6 +384,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = metrics_io.Progress(config.num_epochs * num_chunks, log_fn=logging.info)
     last_log = time.perf_counter()
     epoch_start_counters = _device_counters(state)
+    sampler = None
+    if config.unit_cost_every:
+        sampler = costs.TrainerCostSampler(fns, chunk_size=chunk_size,
+                                           batch_size=config.batch_size,
+                                           num_train=dataset.num_train, seed=start_epoch)
     diagnostics = policy.diagnostics
     if diagnostics is not None and mesh is not None:
         if per_shard:
@@ -401,11 +407,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # i+1 is queued, so the host never idles the device. The dispatch after the
             # one that finished the epoch is a no-op by construction.
             previous_done = None
+            dispatches = 0
             while True:
                 state, done = fns.train_dispatch(state, data, ids, valid, ep)
                 if previous_done is not None and bool(previous_done):
                     break
                 previous_done = done
+                dispatches += 1
+                if sampler is not None and dispatches % config.unit_cost_every == 0:
+                    jax.block_until_ready(state)  # the dispatch's own time stays counted
+                    paused = time.perf_counter()
+                    sampler.sample(state, data, ep)
+                    t_epoch += time.perf_counter() - paused
                 if time.perf_counter() - last_log >= config.log_every_s:
                     _check_finite(state, epoch)  # also waits for the dispatch to finish
                     step_now = int(state.step)
@@ -428,6 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     fns, state, test_arrays, val_arrays, epoch, wall_s, now_counters,
                     epoch_start_counters, lr_schedule, dataset, policy, diagnostics,
                 )
+                unit = sampler.take() if sampler is not None else None
+                if unit is not None:
+                    record.update({f"unit_{k}": v for k, v in unit.items()})
                 records.append(record)
                 if writer is not None:
                     writer.write(record)

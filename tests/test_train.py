@@ -58,6 +58,36 @@ def test_smoke_writes_outputs(tmp_path):
         assert json.load(f)["config"]["dataset"] == "digits"
 
 
+def test_unit_costs_are_timed_in_the_run_outside_its_wall_clock(tmp_path, monkeypatch):
+    samples = []
+    real = train.costs.TrainerCostSampler.sample
+
+    def slow_sample(self, state, data, epoch):
+        samples.append(int(epoch))
+        time.sleep(0.5)
+        return real(self, state, data, epoch)
+
+    monkeypatch.setattr(train.costs.TrainerCostSampler, "sample", slow_sample)
+    config = tiny_config(selector="sb", unit_cost_every=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    records = metrics_io.read_metrics(str(tmp_path))
+    # One sample every 2 dispatches; an epoch's dispatches are its optimizer steps, plus
+    # one that finds the epoch done, plus the extra one in flight that is not counted.
+    steps = [records[0]["step"], records[1]["step"] - records[0]["step"]]
+    assert samples == [0] * ((steps[0] + 1) // 2) + [1] * ((steps[1] + 1) // 2)
+    for record, n in zip(records, steps, strict=True):
+        assert record["unit_samples"] == (n + 1) // 2
+        assert 0 < record["unit_forward_per_example_s"] < 0.1
+        assert 0 < record["unit_train_step_per_example_s"] < 0.1
+    # The 0.5 s pauses of sampling are not the run's.
+    without = tmp_path / "without"
+    train.train_and_evaluate(tiny_config(selector="sb"), str(without))
+    plain = metrics_io.read_metrics(str(without))
+    assert "unit_forward_per_example_s" not in plain[-1]
+    assert records[-1]["wall_s"] < plain[-1]["wall_s"] + 1.0
+    assert _deterministic(records) == _deterministic(plain)
+
+
 def test_resume_in_process_matches_straight_run(tmp_path):
     straight = tmp_path / "straight"
     train.train_and_evaluate(tiny_config(num_epochs=3), str(straight))
@@ -159,10 +189,12 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
         ("lr_schedule", "linear", "unknown lr_schedule 'linear'"),
         ("learning_rate", -1.0, "learning_rate must be > 0"),
         ("selector", "bogus", "bogus"),
+        ("unit_cost_every", -1, "unit_cost_every must be >= 0"),
+        ("num_devices", 2, "unit_cost_every > 0 times the one-device pieces"),
     ],
 )
 def test_bad_config_values(field, value, message, tmp_path):
-    config = tiny_config()
+    config = tiny_config(unit_cost_every=1 if field == "num_devices" else 0)
     config[field] = value
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path))
