@@ -168,6 +168,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     if config.num_devices < 0:
         raise ValueError(f"num_devices must be >= 0 (0 = all devices), got {config.num_devices}")
+    if config.selection_scope not in ("global", "per_shard"):
+        raise ValueError(
+            f"selection_scope must be 'global' or 'per_shard', got {config.selection_scope!r}"
+        )
     if config.unit_cost_every < 0:
         raise ValueError(f"unit_cost_every must be >= 0, got {config.unit_cost_every}")
     if config.unit_cost_every and config.num_devices != 1:
