@@ -65,6 +65,17 @@ def measure_step_costs(
     }
 
 
+def _time_on_fresh_ids(fn: Callable, state: Any, data: Any, epoch: jax.Array,
+                       rng: np.random.Generator, num_train: int, size: int,
+                       clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one call of a trainer piece on ``size`` distinct random example ids."""
+    ids = jnp.asarray(rng.choice(num_train, size, replace=False).astype(np.int32))
+    jax.block_until_ready(ids)
+    start = clock()
+    jax.block_until_ready(fn(state, data, ids, epoch))
+    return clock() - start
+
+
 def measure_trainer_costs(
     fns: Any,
     state: Any,
@@ -94,15 +105,9 @@ def measure_trainer_costs(
     epoch = jnp.asarray(epoch, jnp.int32)
 
     def median_s(fn, size):
-        samples = []
-        for i in range(warmup + repeats):
-            ids = jnp.asarray(rng.choice(num_train, size, replace=False).astype(np.int32))
-            jax.block_until_ready(ids)
-            start = time.perf_counter()
-            jax.block_until_ready(fn(state, data, ids, epoch))
-            if i >= warmup:
-                samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        samples = [_time_on_fresh_ids(fn, state, data, epoch, rng, num_train, size)
+                   for _ in range(warmup + repeats)]
+        return statistics.median(samples[warmup:])
 
     fwd = median_s(fns.score_chunk, chunk_size)
     trn = median_s(fns.train_batch, batch_size)
@@ -150,18 +155,10 @@ class TrainerCostSampler:
         self._forward: list[float] = []
         self._train: list[float] = []
 
-    def _ids(self, size: int) -> jax.Array:
-        ids = jnp.asarray(self._rng.choice(self._num_train, size, replace=False)
-                          .astype(np.int32))
-        return jax.block_until_ready(ids)
-
     def _burst_of(self, fn, state, data, size, epoch) -> list[float]:
-        timings = []
-        for _ in range(self._burst + 1):
-            ids = self._ids(size)
-            start = self._clock()
-            jax.block_until_ready(fn(state, data, ids, epoch))
-            timings.append(self._clock() - start)
+        timings = [_time_on_fresh_ids(fn, state, data, epoch, self._rng, self._num_train,
+                                      size, self._clock)
+                   for _ in range(self._burst + 1)]
         return timings[1:]
 
     def sample(self, state: Any, data: Any, epoch: jax.Array) -> None:
